@@ -1,0 +1,186 @@
+"""CameNN (Li et al. 2020): cross-modal alignment item tower + mixture-of-transformer-
+experts CVR ranker, split at the item boundary for serving (DESIGN section 2).
+
+Item tower: ``[CLS] text tokens [SEP] image patches``; each token is content +
+position + segment ('T' for CLS/text/SEP, 'I' for patches). A missing modality is
+masked out of attention, never fed as zeros. ITA and TIA heads read the ``[CLS]``
+output, which is also the item embedding (Q = 1).
+
+Ranker: tokens ``[other-feature tokens, history item tokens, target item]`` ->
+shared-bottom transformer -> M transformer experts mixed per token by the CVR task's
+softmax gate -> transformer tower -> CVR. Attention mode ``full`` re-encodes the user
+side for every candidate (the paper); ``candidate-isolated`` computes it once per user
+row and lets each candidate attend to it and to itself. Both run on the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import Block, FieldEmbedding, content_tokens, mlp
+
+ATTENTION_MODES = ("full", "candidate-isolated")
+
+
+@dataclass
+class CameNNConfig:
+    text_dim: int = 32  # input text-token width (BERT/MiniLM token embedding size)
+    image_dim: int = 32  # input image-patch width (CNN feature size)
+    max_text_len: int = 50  # the paper's text cap
+    n_patches: int = 9  # 3 x 3 patches
+    d_model: int = 64  # token width in both transformers; item embedding D
+    n_head: int = 8  # paper: 8 heads
+    tower_layers: int = 1  # paper: 1 block per transformer
+    n_experts: int = 2  # M; 2 keeps the demo model within its 5-minute budget
+    field_dim: int = 16  # per-field embedding width inside an item token
+    user_buckets: list[int] = field(default_factory=list)  # hashed user/context fields
+    item_buckets: list[int] = field(default_factory=list)  # hashed item fields
+    max_hist: int = 64  # history positions with a position embedding
+    attention: str = "candidate-isolated"  # or "full"
+    dropout: float = 0.1
+    head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+
+    @property
+    def q(self) -> int:
+        return 1  # CameNN's item embedding is the [CLS] output
+
+    @property
+    def d(self) -> int:
+        return self.d_model
+
+
+class CameNNItemTower(nn.Module):
+    """Item content -> (item embedding (I, 1, D), ITA logit (I,), TIA logit (I,))."""
+
+    segments: torch.Tensor
+
+    def __init__(self, cfg: CameNNConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.text_in = nn.Linear(cfg.text_dim, d)
+        self.image_in = nn.Linear(cfg.image_dim, d)
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)
+        self.sep = nn.Parameter(torch.randn(d) * 0.02)
+        self.pos = nn.Embedding(cfg.max_text_len + cfg.n_patches + 2, d)
+        self.seg = nn.Embedding(2, d)  # 0 = 'T', 1 = 'I'
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.tower_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.ita = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.tia = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        lt, p = cfg.max_text_len, cfg.n_patches
+        self.register_buffer("segments", torch.tensor([0] * (lt + 2) + [1] * p), persistent=False)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_len: torch.Tensor,
+        image: torch.Tensor,
+        has_image: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, lt, _ = text.shape  # (I, Lt, Dt); Lt <= max_text_len
+        p = image.shape[1]  # (I, P, Di)
+        text_mask, image_mask = content_tokens(text, text_len, image, has_image)
+        special = torch.ones_like(text_mask[:, :1])  # (I, 1) CLS / SEP always real
+        x = torch.cat(
+            [
+                self.cls.expand(n, 1, -1),
+                self.text_in(text),  # (I, Lt, d)
+                self.sep.expand(n, 1, -1),
+                self.image_in(image),  # (I, P, d)
+            ],
+            dim=1,
+        )  # (I, T = Lt + P + 2, d)
+        seg = torch.cat([self.segments[: lt + 2], self.segments[-p:]])  # (T,)
+        x = x + self.pos(torch.arange(x.shape[1], device=x.device)) + self.seg(seg)
+        mask = torch.cat([special, text_mask, special, image_mask], dim=1)  # (I, T)
+        for block in self.blocks:
+            x = block(x, mask)
+        cls = self.ln_f(x[:, 0])  # (I, d)
+        return cls[:, None, :], self.ita(cls)[:, 0], self.tia(cls)[:, 0]
+
+
+class CameNNRanker(nn.Module):
+    """DESIGN section 3 tensors -> CVR logit (B,). A candidate's output depends only on
+    its own user row and its own features, in both attention modes."""
+
+    def __init__(self, cfg: CameNNConfig) -> None:
+        super().__init__()
+        assert cfg.attention in ATTENTION_MODES, f"attention must be one of {ATTENTION_MODES}"
+        self.cfg = cfg
+        d = cfg.d_model
+        self.user_fields = FieldEmbedding(cfg.user_buckets, d)  # each field is one token
+        self.item_fields = FieldEmbedding(cfg.item_buckets, cfg.field_dim)
+        self.item_in = nn.Linear(cfg.q * cfg.d + len(cfg.item_buckets) * cfg.field_dim, d)
+        self.kind = nn.Embedding(3, d)  # 0 other-feature, 1 history item, 2 target item
+        self.field_pos = nn.Embedding(len(cfg.user_buckets), d)
+        self.hist_pos = nn.Embedding(cfg.max_hist, d)  # recency: 0 = most recent
+        self.bottom = Block(d, cfg.n_head, cfg.dropout)
+        self.experts = nn.ModuleList(
+            Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.n_experts)
+        )
+        self.gate = nn.Linear(d, cfg.n_experts)  # the CVR task's gate (ITA/TIA live on the tower)
+        self.tower = Block(d, cfg.n_head, cfg.dropout)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = mlp(2 * d, cfg.head_hidden, cfg.dropout)
+
+    def item_tokens(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """(..., Q, D) embeddings + (..., Fi) fields -> (..., d) item tokens."""
+        flat = emb.flatten(-2)  # (..., Q*D)
+        ids = self.item_fields(sparse).flatten(-2)  # (..., Fi*field_dim)
+        return self.item_in(torch.cat([flat, ids], dim=-1))
+
+    def _mix(self, h: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+        g = F.softmax(self.gate(h), dim=-1)  # (..., M) per-token gate
+        return (torch.stack(experts, dim=-1) * g[..., None, :]).sum(-1)  # (..., d)
+
+    def forward(
+        self,
+        user_sparse: torch.Tensor,  # (U, Fu)
+        hist_emb: torch.Tensor,  # (U, N, Q, D)
+        hist_sparse: torch.Tensor,  # (U, N, Fi)
+        hist_mask: torch.Tensor,  # (U, N) bool
+        cand_emb: torch.Tensor,  # (B, Q, D)
+        cand_sparse: torch.Tensor,  # (B, Fi)
+        cand_user: torch.Tensor,  # (B,)
+    ) -> torch.Tensor:
+        _u, n = hist_mask.shape
+        assert n <= self.cfg.max_hist, f"history length {n} > max_hist {self.cfg.max_hist}"
+        fu = user_sparse.shape[1]
+        other = self.user_fields(user_sparse) + self.field_pos.weight[:fu] + self.kind.weight[0]
+        hist = (
+            self.item_tokens(hist_emb, hist_sparse) + self.hist_pos.weight[:n] + self.kind.weight[1]
+        )  # (U, N, d)
+        xu = torch.cat([other, hist], dim=1)  # (U, S = Fu + N, d)
+        mu = torch.cat([torch.ones_like(user_sparse, dtype=torch.bool), hist_mask], dim=1)
+        xc = self.item_tokens(cand_emb, cand_sparse) + self.kind.weight[2]  # (B, d)
+
+        if self.cfg.attention == "full":
+            x = torch.cat([xu[cand_user], xc[:, None, :]], dim=1)  # (B, S + 1, d)
+            m = torch.cat([mu[cand_user], torch.ones_like(mu[cand_user, :1])], dim=1)
+            h = self.bottom(x, m)
+            x = self._mix(h, [e(h, m) for e in self.experts])
+            t = self.tower(x, m)[:, -1]  # (B, d) the target token
+        else:
+            hu, hc = self.bottom.forward_isolated(xu, mu, xc, cand_user)
+            outs = [cast(Block, e).forward_isolated(hu, mu, hc, cand_user) for e in self.experts]
+            mu_x = self._mix(hu, [o[0] for o in outs])  # (U, S, d)
+            mc_x = self._mix(hc, [o[1] for o in outs])  # (B, d)
+            t = self.tower.forward_isolated(mu_x, mu, mc_x, cand_user)[1]  # (B, d)
+        return self.head(torch.cat([self.ln_f(t), xc], dim=-1))[:, 0]  # (B,)
+
+
+class CameNN(nn.Module):
+    """Item tower + ranker, trained end to end (ITA + TIA + CVR)."""
+
+    def __init__(self, cfg: CameNNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = CameNNItemTower(cfg)
+        self.ranker = CameNNRanker(cfg)

@@ -1,0 +1,145 @@
+"""Building blocks shared by the model files: hashed-field embeddings, a pre-LN
+transformer block that runs either as plain self-attention or in the
+candidate-isolated pattern, and LoRA.
+
+Masks are boolean, True where a position is real. Every attention row has at least
+one real key by construction (the callers guarantee it), so softmax never sees a
+row of only ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FieldEmbedding(nn.Module):
+    """One embedding table per hashed categorical field, stored as one table with
+    offsets. Input (..., F) int64 in ``[0, buckets_f)``; output (..., F, dim)."""
+
+    offsets: torch.Tensor
+
+    def __init__(self, buckets: Sequence[int], dim: int) -> None:
+        super().__init__()
+        offsets = torch.tensor([0, *list(buckets)[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(int(sum(buckets)), dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.n_fields = len(buckets)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        assert ids.shape[-1] == self.n_fields, f"expected {self.n_fields} fields, got {ids.shape}"
+        return self.table(ids + self.offsets)  # (..., F, dim)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
+) -> torch.Tensor:
+    """Scaled dot-product attention. q (B, h, Tq, hs), k/v (B, h, Tk, hs), key_mask
+    (B, Tk) bool -> (B, h, Tq, hs). Written out (not SDPA) so the exported graph is
+    plain MatMul/Softmax on every runtime."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, h, Tq, Tk)
+    att = att.masked_fill(~key_mask[:, None, None, :], torch.finfo(att.dtype).min)
+    return F.softmax(att, dim=-1) @ v  # (B, h, Tq, hs)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer encoder block (attention + 4x GELU MLP).
+
+    ``forward``: every token attends to every real token of its sequence.
+    ``forward_isolated``: user-side tokens ``xu`` (U, S, d) attend only to each other;
+    each candidate token ``xc`` (B, d) attends to its user's tokens and to itself. The
+    user side is computed once per user row whatever the number of candidates, and a
+    candidate's output depends on nothing but its own user row and itself.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        assert d_model % n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (B, T, d)
+        shape = (b, t, self.n_head, d // self.n_head)
+        return (
+            q.view(shape).transpose(1, 2),
+            k.view(shape).transpose(1, 2),
+            v.view(shape).transpose(1, 2),
+        )
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = y.shape
+        return self.drop(self.proj(y.transpose(1, 2).reshape(b, t, -1)))  # (B, T, d)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.ln1(x))  # (B, h, T, hs)
+        x = x + self._merge(attend(q, k, v, mask))  # (B, T, d)
+        return self._mlp(x)
+
+    def forward_isolated(
+        self, xu: torch.Tensor, mask_u: torch.Tensor, xc: torch.Tensor, cand_user: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qu, ku, vu = self._heads(self.ln1(xu))  # (U, h, S, hs)
+        qc, kc, vc = self._heads(self.ln1(xc[:, None, :]))  # (B, h, 1, hs)
+        yu = xu + self._merge(attend(qu, ku, vu, mask_u))  # (U, S, d)
+        k = torch.cat([ku[cand_user], kc], dim=2)  # (B, h, S + 1, hs)
+        v = torch.cat([vu[cand_user], vc], dim=2)  # (B, h, S + 1, hs)
+        m = torch.cat([mask_u[cand_user], torch.ones_like(mask_u[cand_user, :1])], dim=1)
+        yc = xc[:, None, :] + self._merge(attend(qc, k, v, m))  # (B, 1, d)
+        return self._mlp(yu), self._mlp(yc)[:, 0]  # (U, S, d), (B, d)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer W x + b with a low-rank update (alpha / r) * B A x.
+
+    ``B`` starts at zero, so enabling LoRA does not change the function until it is
+    trained. :meth:`merged_weight` folds the update in for export."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
+        self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
+        self.scale = alpha / rank
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * self.lora_b @ self.lora_a  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.merged_weight(), self.base.bias)
+
+
+def mlp(d_in: int, hidden: Sequence[int], dropout: float, d_out: int = 1) -> nn.Sequential:
+    """ReLU MLP d_in -> hidden... -> d_out."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.ReLU(), nn.Dropout(dropout)]
+        d_in = h
+    layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+def content_tokens(
+    text: torch.Tensor, text_len: torch.Tensor, image: torch.Tensor, has_image: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of an item's text tokens (I, Lt) and image patches (I, P): True where real."""
+    lt, p = text.shape[1], image.shape[1]
+    text_mask = torch.arange(lt, device=text.device)[None, :] < text_len[:, None]  # (I, Lt)
+    image_mask = has_image[:, None].expand(-1, p)  # (I, P)
+    return text_mask, image_mask

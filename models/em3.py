@@ -1,0 +1,201 @@
+"""EM3 (Deng et al. 2024): a Fusion-Q-Former item tower trained end to end with the
+ranking model, split at the item boundary for serving (DESIGN section 2).
+
+Item tower (FQ-Former): ``[Q learnable queries, image patches, text tokens]`` with
+self-attention over the whole sequence; the first Q outputs are the item's
+fixed-length multimodal embedding (I, Q, D). Missing modalities are masked.
+
+Ranker: multi-head target attention from the candidate's content embedding to the
+history items' content embeddings, its q/k/v projections adapted with LoRA (train
+them fully on short histories, then freeze them and train only the low-rank
+matrices on long ones: :meth:`EM3.set_lora_stage`); ID embeddings; a DNN over ID,
+context and interest features. A learned "null" history slot is always attended, so
+an empty history (N = 0) is well defined.
+
+Content-ID contrastive (CIC) loss: item ID embeddings and content embeddings are
+projected to one space; the same item is the positive pair, the other items of the
+batch the negatives (InfoNCE both ways, temperature ``cic_temperature``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import Block, FieldEmbedding, LoRALinear, attend, content_tokens, mlp
+
+
+@dataclass
+class EM3Config:
+    text_dim: int = 32  # input text-token width
+    image_dim: int = 32  # input image-patch width
+    max_text_len: int = 50
+    n_patches: int = 9
+    n_query: int = 2  # paper: Q = 2 learnable queries
+    d_model: int = 64  # FQ-Former width; item embedding D
+    n_head: int = 4  # paper: 4 heads
+    tower_layers: int = 1  # paper: 1 layer
+    user_buckets: list[int] = field(default_factory=list)
+    item_buckets: list[int] = field(default_factory=list)
+    field_dim: int = 16  # per-field ID embedding width
+    att_dim: int = 64  # target-attention width
+    att_heads: int = 4
+    lora_rank: int = 4  # low rank of the long-sequence adaptation
+    lora_alpha: float = 8.0
+    cic_dim: int = 32  # shared ID/content space of the CIC loss
+    cic_weight: float = 0.1  # paper: 0.1
+    cic_temperature: float = 0.1  # paper: 0.1
+    dnn_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.1
+
+    @property
+    def q(self) -> int:
+        return self.n_query
+
+    @property
+    def d(self) -> int:
+        return self.d_model
+
+
+class FQFormer(nn.Module):
+    """Item content -> item embedding (I, Q, D)."""
+
+    def __init__(self, cfg: EM3Config) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.queries = nn.Parameter(torch.randn(cfg.n_query, d) * 0.02)
+        self.text_in = nn.Linear(cfg.text_dim, d)
+        self.image_in = nn.Linear(cfg.image_dim, d)
+        self.pos = nn.Embedding(cfg.n_query + cfg.n_patches + cfg.max_text_len, d)
+        self.kind = nn.Embedding(3, d)  # 0 query, 1 image, 2 text
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.tower_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.n_query = cfg.n_query
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_len: torch.Tensor,
+        image: torch.Tensor,
+        has_image: torch.Tensor,
+    ) -> torch.Tensor:
+        n, lt, _ = text.shape  # (I, Lt, Dt)
+        p, q = image.shape[1], self.n_query
+        text_mask, image_mask = content_tokens(text, text_len, image, has_image)
+        x = torch.cat(
+            [
+                self.queries.expand(n, -1, -1) + self.kind.weight[0],  # (I, Q, d)
+                self.image_in(image) + self.kind.weight[1],  # (I, P, d)
+                self.text_in(text) + self.kind.weight[2],  # (I, Lt, d)
+            ],
+            dim=1,
+        )
+        x = x + self.pos(torch.arange(q + p + lt, device=x.device))  # (I, T, d)
+        mask = torch.cat(
+            [torch.ones_like(text_mask[:, :1]).expand(-1, q), image_mask, text_mask], 1
+        )
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x[:, :q])  # (I, Q, D)
+
+
+class EM3Ranker(nn.Module):
+    """DESIGN section 3 tensors -> CVR logit (B,); a candidate's output depends only on
+    its own user row and its own features."""
+
+    def __init__(self, cfg: EM3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        qd, a, fi = cfg.q * cfg.d, cfg.att_dim, len(cfg.item_buckets)
+        self.user_fields = FieldEmbedding(cfg.user_buckets, cfg.field_dim)
+        self.item_fields = FieldEmbedding(cfg.item_buckets, cfg.field_dim)
+        self.att_q = LoRALinear(qd, a, cfg.lora_rank, cfg.lora_alpha)
+        self.att_k = LoRALinear(qd, a, cfg.lora_rank, cfg.lora_alpha)
+        self.att_v = LoRALinear(qd, a, cfg.lora_rank, cfg.lora_alpha)
+        self.null_k = nn.Parameter(torch.zeros(a))  # the always-present empty-history slot
+        self.null_v = nn.Parameter(torch.zeros(a))
+        self.null_id = nn.Parameter(torch.zeros(fi * cfg.field_dim))
+        d_in = len(cfg.user_buckets) * cfg.field_dim + 2 * fi * cfg.field_dim + qd + 2 * a
+        self.dnn = mlp(d_in, cfg.dnn_hidden, cfg.dropout)
+
+    def lora_modules(self) -> list[LoRALinear]:
+        return [self.att_q, self.att_k, self.att_v]
+
+    def forward(
+        self,
+        user_sparse: torch.Tensor,  # (U, Fu)
+        hist_emb: torch.Tensor,  # (U, N, Q, D)
+        hist_sparse: torch.Tensor,  # (U, N, Fi)
+        hist_mask: torch.Tensor,  # (U, N) bool
+        cand_emb: torch.Tensor,  # (B, Q, D)
+        cand_sparse: torch.Tensor,  # (B, Fi)
+        cand_user: torch.Tensor,  # (B,)
+    ) -> torch.Tensor:
+        b, h = cand_user.shape[0], self.cfg.att_heads
+        u = hist_mask.shape[0]
+        a = self.cfg.att_dim
+        k = torch.cat(
+            [self.null_k.expand(u, 1, a), self.att_k(hist_emb.flatten(-2))], 1
+        )  # (U, N+1, a)
+        v = torch.cat([self.null_v.expand(u, 1, a), self.att_v(hist_emb.flatten(-2))], 1)
+        ids = self.item_fields(hist_sparse).flatten(-2)  # (U, N, Fi*f)
+        ids = torch.cat([self.null_id.expand(u, 1, -1), ids], 1)  # (U, N+1, Fi*f)
+        mask = torch.cat([torch.ones_like(hist_mask[:, :1]), hist_mask], 1)  # (U, N+1)
+        cand_flat = cand_emb.flatten(-2)  # (B, Q*D)
+        q = self.att_q(cand_flat).view(b, h, 1, a // h)  # (B, h, 1, a/h)
+        kb = k[cand_user].view(b, -1, h, a // h).transpose(1, 2)  # (B, h, N+1, a/h)
+        vb = v[cand_user].view(b, -1, h, a // h).transpose(1, 2)
+        content_interest = attend(q, kb, vb, mask[cand_user]).reshape(b, a)  # (B, a)
+        # the same attention, head-averaged, pools the history's ID embeddings
+        scores = (q @ kb.transpose(-2, -1)).mean(1)[:, 0] / (a // h) ** 0.5  # (B, N+1)
+        scores = scores.masked_fill(~mask[cand_user], torch.finfo(scores.dtype).min)
+        id_interest = (F.softmax(scores, -1)[:, :, None] * ids[cand_user]).sum(1)  # (B, Fi*f)
+        x = torch.cat(
+            [
+                self.user_fields(user_sparse).flatten(-2)[cand_user],  # (B, Fu*f) user + context
+                self.item_fields(cand_sparse).flatten(-2),  # (B, Fi*f) candidate ids
+                cand_flat,
+                content_interest,
+                id_interest,
+                content_interest * self.att_q(cand_flat),  # (B, a) match feature
+            ],
+            dim=-1,
+        )
+        return self.dnn(x)[:, 0]  # (B,)
+
+
+class EM3(nn.Module):
+    """FQ-Former + ranker, trained end to end (CVR + CIC)."""
+
+    def __init__(self, cfg: EM3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = FQFormer(cfg)
+        self.ranker = EM3Ranker(cfg)
+        fi = len(cfg.item_buckets) * cfg.field_dim
+        self.cic_id = nn.Linear(fi, cfg.cic_dim)
+        self.cic_content = nn.Linear(cfg.q * cfg.d, cfg.cic_dim)
+
+    def cic_loss(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between ID and content views of the same items; emb (I, Q, D),
+        sparse (I, Fi) of distinct items."""
+        z_id = F.normalize(self.cic_id(self.ranker.item_fields(sparse).flatten(-2)), dim=-1)
+        z_c = F.normalize(self.cic_content(emb.flatten(-2)), dim=-1)  # (I, c)
+        logits = z_id @ z_c.T / self.cfg.cic_temperature  # (I, I)
+        target = torch.arange(len(emb), device=emb.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    def set_lora_stage(self, stage: int) -> None:
+        """Stage 1: attention projections train fully, LoRA frozen (B = 0, no effect).
+        Stage 2: the projections are frozen and only their LoRA matrices train."""
+        assert stage in (1, 2), "stage must be 1 or 2"
+        for m in self.ranker.lora_modules():
+            for p in m.base.parameters():
+                p.requires_grad_(stage == 1)
+            m.lora_a.requires_grad_(stage == 2)
+            m.lora_b.requires_grad_(stage == 2)

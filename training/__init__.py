@@ -1,0 +1,1 @@
+"""Training and evaluation of the models in :mod:`models` on :mod:`data` datasets."""

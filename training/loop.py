@@ -1,0 +1,237 @@
+"""One training loop for every model: item tower and ranker end to end.
+
+Per step, the item tower runs once over the distinct items of the batch (history
+and candidates), the embeddings are gathered into the DESIGN section 3 tensors and
+the ranker scores the candidates. Losses: CVR BCE for all models; + ITA + TIA for
+CameNN (negatives swap in another item's text / image); + ``cic_weight`` x CIC for
+EM3. Early stopping keeps the weights of the best validation AUC.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.dataset import Batch, Catalog, Split, iter_batches
+from models.camenn import CameNN
+from models.em3 import EM3
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 8
+    cands_per_batch: int = 1024
+    lr: float = 4e-4  # CameNN paper: Adam lr 4e-4, betas (0.95, 0.999), weight decay 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-4  # decoupled (AdamW): L2-in-Adam would erase rarely seen ids
+    patience: int = 2  # epochs without a better validation AUC before stopping
+    max_hist: int = 50
+    short_hist: int = 10  # EM3 stage 1 (full training) history length
+    lora_epochs: int = 2  # EM3 stage 2 (frozen attention + LoRA) epochs, long histories
+    align_items: int = 256  # CameNN: items per step in the ITA/TIA losses
+    align_holdout: float = 0.3  # share of items never used in ITA/TIA training (their test)
+    cic_items: int = 512  # EM3: items per step in the CIC loss
+    seed: int = 0
+    threads: int = 2
+    max_minutes: float = 0.0  # 0 = no time cap; else stop after the epoch that passes it
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CatalogTensors:
+    """The catalog as torch tensors, plus which items may train ITA/TIA."""
+
+    def __init__(self, cat: Catalog, holdout: float, seed: int) -> None:
+        self.text = torch.from_numpy(cat.text)
+        self.text_len = torch.from_numpy(cat.text_len)
+        self.image = torch.from_numpy(cat.image)
+        self.has_image = torch.from_numpy(cat.has_image)
+        self.sparse = torch.from_numpy(cat.sparse)
+        both = cat.has_image & (cat.text_len > 0)
+        held = np.random.default_rng(seed + 7919).random(len(cat.item_ids)) < holdout
+        self.align_ok = torch.from_numpy(both & ~held)  # may train ITA/TIA
+        self.align_test = both & held  # ITA/TIA evaluation items
+        self.align_pool = torch.from_numpy(np.flatnonzero(both & ~held))
+
+    def content(self, items: torch.Tensor, text_from: torch.Tensor | None = None,
+                image_from: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Content of ``items``, text trimmed to the longest present; optionally with
+        text or image taken from other items (alignment negatives)."""
+        t_idx = items if text_from is None else text_from
+        i_idx = items if image_from is None else image_from
+        text_len = self.text_len[t_idx]
+        lt = max(1, int(text_len.max()))
+        return self.text[t_idx, :lt], text_len, self.image[i_idx], self.has_image[i_idx]
+
+
+def tower_forward(
+    model: nn.Module, content: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(emb (I, Q, D), ita logit or None, tia logit or None). Baselines have no tower:
+    they get a (I, 1, 1) zero embedding they never read."""
+    if isinstance(model, CameNN):
+        return model.tower(*content)
+    if isinstance(model, EM3):
+        return model.tower(*content), None, None
+    return torch.zeros(len(content[0]), 1, 1), None, None
+
+
+def ranker_inputs(emb: torch.Tensor, cat: CatalogTensors, items: torch.Tensor, b: Batch
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The seven DESIGN section 3 tensors of a batch, given the batch items' embeddings."""
+    hist_pos = torch.from_numpy(b.hist_pos)
+    hist_mask = torch.from_numpy(b.hist_mask)
+    cand_pos = torch.from_numpy(b.cand_pos)
+    sparse = cat.sparse[items]  # (I_b, Fi)
+    return {
+        "user_sparse": torch.from_numpy(b.user_sparse),
+        "hist_emb": emb[hist_pos] * hist_mask[..., None, None],  # (U, N, Q, D)
+        "hist_sparse": sparse[hist_pos] * hist_mask[..., None],  # (U, N, Fi), 0 = padding
+        "hist_mask": hist_mask,
+        "cand_emb": emb[cand_pos],  # (B, Q, D)
+        "cand_sparse": sparse[cand_pos],
+        "cand_user": torch.from_numpy(b.cand_user),
+    }
+
+
+def batch_loss(model: nn.Module, cat: CatalogTensors, b: Batch, s: TrainSettings,
+               gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    items = torch.from_numpy(b.items)
+    emb, ita, tia = tower_forward(model, cat.content(items))
+    logits = model.get_submodule("ranker")(**ranker_inputs(emb, cat, items, b))
+    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(b.label))
+    parts = {"cvr": loss.item()}
+    if isinstance(model, CameNN) and ita is not None and tia is not None:
+        ok = torch.nonzero(cat.align_ok[items]).flatten()
+        if len(ok) > 1:
+            ok = ok[torch.randperm(len(ok), generator=gen)[: s.align_items]]
+            pool = cat.align_pool
+            other = pool[torch.randint(len(pool), (len(ok),), generator=gen)]
+            own = items[ok]
+            _, ita_neg, _ = model.tower(*cat.content(own, text_from=other))
+            _, _, tia_neg = model.tower(*cat.content(own, image_from=other))
+            ones, zeros = torch.ones(len(ok)), torch.zeros(len(ok))
+            l_ita = F.binary_cross_entropy_with_logits(torch.cat([ita[ok], ita_neg]),
+                                                       torch.cat([ones, zeros]))  # fmt: skip
+            l_tia = F.binary_cross_entropy_with_logits(torch.cat([tia[ok], tia_neg]),
+                                                       torch.cat([ones, zeros]))  # fmt: skip
+            loss = loss + l_ita + l_tia
+            parts |= {"ita": l_ita.item(), "tia": l_tia.item()}
+    if isinstance(model, EM3):
+        pick = torch.randperm(len(items), generator=gen)[: s.cic_items]
+        l_cic = model.cic_loss(emb[pick], cat.sparse[items[pick]])
+        loss = loss + model.cfg.cic_weight * l_cic
+        parts["cic"] = l_cic.item()
+    return loss, parts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, cat: CatalogTensors, split: Split, max_hist: int,
+            cands_per_batch: int = 4096) -> np.ndarray:  # fmt: skip
+    """CVR probabilities for every candidate of ``split``, in split order."""
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(split.label), dtype=np.float32)
+    pos = 0
+    for b in iter_batches(split, cands_per_batch, max_hist):
+        items = torch.from_numpy(b.items)
+        emb, _, _ = tower_forward(model, cat.content(items))
+        p = torch.sigmoid(
+            model.get_submodule("ranker")(**ranker_inputs(emb, cat, items, b))
+        ).numpy()
+        out[pos : pos + len(p)] = p
+        pos += len(p)
+    model.train(was_training)
+    return out
+
+
+def auc(label: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(label, score))
+
+
+def fit(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors, s: TrainSettings
+        ) -> dict[str, Any]:  # fmt: skip
+    """Train with early stopping on validation AUC; the model ends with the best
+    weights seen. EM3 runs two stages (full training on ``short_hist`` histories, then
+    frozen attention + LoRA on ``max_hist`` ones), each with its own early stopping,
+    stage 2 starting from stage 1's best. Returns per-epoch losses and validation AUCs."""
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(s.threads)
+    state = _FitState(gen=torch.Generator().manual_seed(s.seed), rng=np.random.default_rng(s.seed))
+    if isinstance(model, EM3):
+        model.set_lora_stage(1)
+        _run_stage(
+            model, train, valid, cat, s, state, 1, max(1, s.epochs - s.lora_epochs), s.short_hist
+        )
+        model.load_state_dict(state.best_state)
+        model.set_lora_stage(2)
+        state.best = -math.inf  # stage 2 is judged on long histories
+        _run_stage(model, train, valid, cat, s, state, 2, s.lora_epochs, s.max_hist)
+    else:
+        _run_stage(model, train, valid, cat, s, state, 1, s.epochs, s.max_hist)
+    model.load_state_dict(state.best_state)
+    model.eval()
+    return {"history": state.history, "best_valid_auc": state.best,
+            "train_seconds": time.perf_counter() - state.start}  # fmt: skip
+
+
+@dataclass
+class _FitState:
+    gen: torch.Generator
+    rng: np.random.Generator
+    best: float = -math.inf
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _run_stage(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors,
+               s: TrainSettings, st: _FitState, stage: int, epochs: int, hist_len: int
+               ) -> None:  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    n_batches = math.ceil(len(train.label) / s.cands_per_batch)
+    bad = 0
+    model.train()
+    for epoch in range(epochs):
+        bar = tqdm(iter_batches(train, s.cands_per_batch, hist_len, st.rng), total=n_batches,
+                   desc=f"stage {stage} epoch {epoch + 1}/{epochs}", disable=not s.progress,
+                   leave=False)  # fmt: skip
+        sums: dict[str, float] = {}
+        for b in bar:
+            loss, parts = batch_loss(model, cat, b, s, st.gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+        v_auc = auc(valid.label, predict(model, cat, valid, hist_len))
+        row = {"stage": stage, "epoch": epoch + 1, "valid_auc": v_auc,
+               "seconds": time.perf_counter() - st.start,
+               **{f"loss_{k}": v / n_batches for k, v in sums.items()}}  # fmt: skip
+        st.history.append(row)
+        log.info(
+            "stage %d epoch %d: valid AUC %.4f (%.0f s)", stage, epoch + 1, v_auc, row["seconds"]
+        )
+        if v_auc > st.best or not st.best_state:
+            st.best, bad = v_auc, 0
+            st.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        out_of_time = s.max_minutes > 0 and row["seconds"] > 60 * s.max_minutes
+        if bad >= s.patience or out_of_time:
+            break
+        model.train()

@@ -1,0 +1,72 @@
+"""A run directory: ``config.json`` (model config, data reference, training
+settings), ``model.safetensors`` (weights, no pickle), ``metrics.json``.
+
+:func:`build_model` is the one place that maps a model name to its classes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data.dataset import RankingData
+from models.baselines import Baseline, BaselineConfig
+from models.camenn import CameNN, CameNNConfig
+from models.em3 import EM3, EM3Config
+
+MODELS = ("camenn", "em3", "lr", "din", "bst")
+
+
+def model_config(
+    name: str, data: RankingData, **overrides: Any
+) -> CameNNConfig | EM3Config | BaselineConfig:
+    """The default config of ``name`` sized for ``data``'s features."""
+    cat = data.catalog
+    common: dict[str, Any] = {
+        "user_buckets": [f.buckets for f in data.user_fields],
+        "item_buckets": [f.buckets for f in cat.fields],
+    }
+    content: dict[str, Any] = {
+        "text_dim": cat.text_dim,
+        "image_dim": cat.image_dim,
+        "max_text_len": max(1, int(cat.text.shape[1])),
+        "n_patches": int(cat.image.shape[1]),
+    }
+    if name == "camenn":
+        return CameNNConfig(**common, **content, **overrides)
+    if name == "em3":
+        return EM3Config(**common, **content, **overrides)
+    if name in ("lr", "din", "bst"):
+        return BaselineConfig(kind=name, **common, **overrides)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+
+
+def build_model(name: str, cfg: Any) -> nn.Module:
+    if name == "camenn":
+        return CameNN(cfg)
+    if name == "em3":
+        return EM3(cfg)
+    return Baseline(cfg)
+
+
+def save_run(run: Path, name: str, model: nn.Module, cfg: Any, extra: dict[str, Any]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(run / "model.safetensors"))
+    (run / "config.json").write_text(
+        json.dumps({"model": name, "config": asdict(cfg), **extra}, indent=2)
+    )
+
+
+def load_run(run: Path) -> tuple[str, nn.Module, dict[str, Any]]:
+    """(model name, model in eval mode with its trained weights, config.json)."""
+    meta = json.loads((run / "config.json").read_text())
+    name = meta["model"]
+    cfg_cls = {"camenn": CameNNConfig, "em3": EM3Config}.get(name, BaselineConfig)
+    model = build_model(name, cfg_cls(**meta["config"]))
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return name, model.eval(), meta
