@@ -69,6 +69,7 @@ class Split:
     cand_item: np.ndarray  # (B,) int64 item index
     label: np.ndarray  # (B,) float32 in {0, 1}
     p_true: np.ndarray | None = None  # (B,) float32 true conversion probability
+    row_user: np.ndarray | None = None  # (R,) int64 user of each row, to batch a user's rows together
 
     def __post_init__(self) -> None:
         r = len(self.user_sparse)
@@ -152,8 +153,16 @@ def iter_batches(
     """Yield batches of whole rows holding about ``cands_per_batch`` candidates each.
 
     Every row appears exactly once; with ``rng`` the row order is shuffled, without
-    it the order is the split's (deterministic evaluation)."""
-    order = np.arange(split.n_rows) if rng is None else rng.permutation(split.n_rows)
+    it the order is the split's (deterministic evaluation). When the split knows each
+    row's user, a user's rows stay adjacent (users are shuffled, then their rows), so a
+    batch shares history items and the item tower encodes fewer distinct items."""
+    if rng is None:
+        order = np.arange(split.n_rows)
+    elif split.row_user is None:
+        order = rng.permutation(split.n_rows)
+    else:
+        user_rank = rng.permutation(int(split.row_user.max()) + 1)[split.row_user]
+        order = np.lexsort((rng.random(split.n_rows), user_rank))
     counts = np.diff(split.offsets)[order]
     cum = np.cumsum(counts)
     # cut wherever the running candidate count crosses a multiple of cands_per_batch

@@ -198,6 +198,7 @@ def load_movielens(data_dir: Path, cache_dir: Path, max_hist: int = 50) -> Ranki
             offsets=np.arange(len(rows) + 1, dtype=np.int64),
             cand_item=item[rows],
             label=label[rows],
+            row_user=user[rows],
         )
 
     train, valid, test = split(0), split(1), split(2)

@@ -69,13 +69,18 @@ class WorldConfig:
     mismatch_rate: float = 0.10  # planted text/image mismatch (dirty listings)
     no_image_rate: float = 0.05  # listings without a photo (masked)
     no_text_rate: float = 0.02  # listings without a description (masked)
-    max_history: int = 30  # bought items per user, uniform in [0, max_history]
+    min_history: int = 20  # bought items per user: uniform in [min_history, max_history] ...
+    max_history: int = 50
+    cold_user_rate: float = 0.03  # ... except cold-start users, who have none
+    history_focus: float = 2.0  # how strongly purchases follow preference (vs. chance)
+    pref_noise: float = 0.1  # spread of the non-favourite categories' affinity
+    beta_sd: float = 0.2  # spread of users' quality sensitivity around 1
     requests_per_user: float = 5.0  # Poisson mean (+1)
     cands_per_request: int = 10
     matched_share: float = 0.6  # candidates drawn by preference (a matching stage) vs popularity
     zipf: float = 1.0  # item popularity exponent
-    base_logit: float = -1.6  # sets the conversion rate (~0.2-0.25)
-    pref_scale: float = 1.6  # user x fine-category affinity
+    base_logit: float = -2.8  # sets the conversion rate (~0.2-0.25)
+    pref_scale: float = 1.0  # user x fine-category affinity
     style_scale: float = 0.6
     quality_scale: float = 0.6
     item_bias_sd: float = 0.25  # id effects
@@ -116,7 +121,8 @@ class _Generator:
     # -- items -----------------------------------------------------------------------
     def text(self, cat: int, style: int, quality: float) -> np.ndarray:
         c, rng = self.cfg, self.rng
-        n = int(rng.integers(8, c.max_text_len + 1))
+        # description lengths: mostly short, a tail up to the cap
+        n = int(np.clip(rng.lognormal(np.log(18), 0.5), 6, c.max_text_len))
         kind = rng.choice(4, size=n, p=[0.25, 0.15, 0.10, 0.50])
         toks = np.empty((n, c.text_dim), dtype=np.float32)
         for t, k in enumerate(kind):
@@ -179,20 +185,27 @@ class _Generator:
         age = rng.integers(6, size=n)
         gender = rng.integers(2, size=n)
         region = rng.integers(8, size=n)
-        # each (age, gender) segment leans towards some categories: profile fields are
-        # weakly informative, histories much more
-        segment_pref = rng.normal(0, 0.8, size=(12, c.n_categories))
-        pref = segment_pref[age * 2 + gender] + rng.normal(0, 0.6, size=(n, c.n_categories))
-        favourites = np.argsort(-pref - rng.gumbel(size=pref.shape), axis=1)[:, :3]
-        boost = np.zeros_like(pref)
-        np.put_along_axis(boost, favourites, 1.5, axis=1)
-        pref = pref + boost
+        # each (age, gender) segment leans towards some categories, so profile fields are
+        # weakly informative; each user has a few favourite categories, which a history
+        # of bought items reveals
+        segment_pref = rng.normal(0, 1.0, size=(12, c.n_categories))
+        raw = segment_pref[age * 2 + gender] + rng.normal(0, 1.0, size=(n, c.n_categories))
+        favourites = np.argsort(-raw - rng.gumbel(size=raw.shape), axis=1)[:, :3]
+        pref = rng.normal(0, c.pref_noise, size=(n, c.n_categories))
+        np.put_along_axis(pref, favourites, np.array([[1.5, 1.5, 1.5]]), axis=1)
         pref = (pref - pref.mean(axis=1, keepdims=True)) / pref.std(axis=1, keepdims=True)
         return {
             "age": age, "gender": gender, "region": region, "pref": pref,
-            "style": rng.normal(0, 1, size=(n, c.n_styles)),
-            "beta": rng.normal(1.0, 0.4, size=n), "bias": rng.normal(0, c.user_bias_sd, size=n),
+            "style": self.style_pref(n),
+            "beta": rng.normal(1.0, c.beta_sd, size=n), "bias": rng.normal(0, c.user_bias_sd, size=n),
         }  # fmt: skip
+
+    def style_pref(self, n: int) -> np.ndarray:
+        """Each user has one favourite style and mild feelings about the others."""
+        c, rng = self.cfg, self.rng
+        style = rng.normal(0, c.pref_noise, size=(n, c.n_styles))
+        style[np.arange(n), rng.integers(c.n_styles, size=n)] += 1.5
+        return (style - style.mean(axis=1, keepdims=True)) / style.std(axis=1, keepdims=True)
 
     def affinity(self, users: dict[str, np.ndarray], items: dict[str, np.ndarray],
                  u: np.ndarray, i: np.ndarray) -> np.ndarray:  # fmt: skip
@@ -223,9 +236,10 @@ def generate(cfg: WorldConfig) -> dict[str, pa.Table]:
     for u in range(n_u):
         aff = g.affinity(users, items, np.full(n_i, u), all_items)
         # history: bought items, chosen by preference and popularity (no replacement)
-        n_hist = int(rng.integers(0, cfg.max_history + 1))
-        buy_w = aff + 0.5 * log_pop + rng.gumbel(size=n_i)
-        hist = np.argsort(-buy_w)[:n_hist]
+        cold = rng.random() < cfg.cold_user_rate
+        n_hist = 0 if cold else int(rng.integers(cfg.min_history, cfg.max_history + 1))
+        buy_w = cfg.history_focus * aff + 0.5 * log_pop + rng.gumbel(size=n_i)
+        hist = rng.permutation(np.argsort(-buy_w)[:n_hist])  # purchase order: oldest first
         histories.append([f"i{j}" for j in hist])
         n_req = 1 + int(rng.poisson(cfg.requests_per_user))
         for _ in range(n_req):
@@ -353,6 +367,7 @@ def load_world(path: Path, max_hist: int = 50) -> RankingData:
             cand_item=np.array([item_index[x] for x in col["item_id"]], dtype=np.int64),
             label=col["label"].astype(np.float32),
             p_true=col["p_true"].astype(np.float32),
+            row_user=u_rows.astype(np.int64),
         )
     return RankingData("world", catalog, USER_FIELDS, splits["train"], splits["valid"],
                        splits["test"], has_oracle=True)  # fmt: skip

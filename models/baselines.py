@@ -120,7 +120,7 @@ class BST(nn.Module):
         h = self.item_in(self.item_fields(hist_sparse).flatten(-2))  # (U, N, d)
         c = self.item_in(self.item_fields(cand_sparse).flatten(-2))  # (B, d)
         x = torch.cat([h[cand_user], c[:, None]], 1) + self.pos.weight[: n + 1]  # (B, N+1, d)
-        m = torch.cat([hist_mask[cand_user], torch.ones_like(hist_mask[cand_user, :1])], 1)
+        m = torch.cat([hist_mask[cand_user], hist_mask.new_ones((len(cand_user), 1))], 1)
         y = self.block(x, m)
         pooled = (y * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, d)
         user = self.user_fields(user_sparse).flatten(-2)[cand_user]

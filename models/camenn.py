@@ -87,7 +87,7 @@ class CameNNItemTower(nn.Module):
         n, lt, _ = text.shape  # (I, Lt, Dt); Lt <= max_text_len
         p = image.shape[1]  # (I, P, Di)
         text_mask, image_mask = content_tokens(text, text_len, image, has_image)
-        special = torch.ones_like(text_mask[:, :1])  # (I, 1) CLS / SEP always real
+        special = text_mask.new_ones((n, 1))  # (I, 1) CLS / SEP always real
         x = torch.cat(
             [
                 self.cls.expand(n, 1, -1),
@@ -163,7 +163,7 @@ class CameNNRanker(nn.Module):
 
         if self.cfg.attention == "full":
             x = torch.cat([xu[cand_user], xc[:, None, :]], dim=1)  # (B, S + 1, d)
-            m = torch.cat([mu[cand_user], torch.ones_like(mu[cand_user, :1])], dim=1)
+            m = torch.cat([mu[cand_user], mu.new_ones((len(cand_user), 1))], dim=1)
             h = self.bottom(x, m)
             x = self._mix(h, [e(h, m) for e in self.experts])
             t = self.tower(x, m)[:, -1]  # (B, d) the target token

@@ -100,7 +100,7 @@ class Block(nn.Module):
         yu = xu + self._merge(attend(qu, ku, vu, mask_u))  # (U, S, d)
         k = torch.cat([ku[cand_user], kc], dim=2)  # (B, h, S + 1, hs)
         v = torch.cat([vu[cand_user], vc], dim=2)  # (B, h, S + 1, hs)
-        m = torch.cat([mask_u[cand_user], torch.ones_like(mask_u[cand_user, :1])], dim=1)
+        m = torch.cat([mask_u[cand_user], mask_u.new_ones((len(cand_user), 1))], dim=1)
         yc = xc[:, None, :] + self._merge(attend(qc, k, v, m))  # (B, 1, d)
         return self._mlp(yu), self._mlp(yc)[:, 0]  # (U, S, d), (B, d)
 

@@ -97,7 +97,7 @@ class FQFormer(nn.Module):
         )
         x = x + self.pos(torch.arange(q + p + lt, device=x.device))  # (I, T, d)
         mask = torch.cat(
-            [torch.ones_like(text_mask[:, :1]).expand(-1, q), image_mask, text_mask], 1
+            [text_mask.new_ones((n, q)), image_mask, text_mask], 1
         )
         for block in self.blocks:
             x = block(x, mask)
@@ -145,7 +145,7 @@ class EM3Ranker(nn.Module):
         v = torch.cat([self.null_v.expand(u, 1, a), self.att_v(hist_emb.flatten(-2))], 1)
         ids = self.item_fields(hist_sparse).flatten(-2)  # (U, N, Fi*f)
         ids = torch.cat([self.null_id.expand(u, 1, -1), ids], 1)  # (U, N+1, Fi*f)
-        mask = torch.cat([torch.ones_like(hist_mask[:, :1]), hist_mask], 1)  # (U, N+1)
+        mask = torch.cat([hist_mask.new_ones((u, 1)), hist_mask], 1)  # (U, N+1)
         cand_flat = cand_emb.flatten(-2)  # (B, Q*D)
         q = self.att_q(cand_flat).view(b, h, 1, a // h)  # (B, h, 1, a/h)
         kb = k[cand_user].view(b, -1, h, a // h).transpose(1, 2)  # (B, h, N+1, a/h)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainSettings:
     epochs: int = 8
-    cands_per_batch: int = 1024
+    cands_per_batch: int = 256
     lr: float = 4e-4  # CameNN paper: Adam lr 4e-4, betas (0.95, 0.999), weight decay 1e-4
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-4  # decoupled (AdamW): L2-in-Adam would erase rarely seen ids
@@ -40,9 +40,9 @@ class TrainSettings:
     max_hist: int = 50
     short_hist: int = 10  # EM3 stage 1 (full training) history length
     lora_epochs: int = 2  # EM3 stage 2 (frozen attention + LoRA) epochs, long histories
-    align_items: int = 256  # CameNN: items per step in the ITA/TIA losses
+    align_items: int = 64  # CameNN: items per step in the ITA/TIA losses
     align_holdout: float = 0.3  # share of items never used in ITA/TIA training (their test)
-    cic_items: int = 512  # EM3: items per step in the CIC loss
+    cic_items: int = 256  # EM3: items per step in the CIC loss
     seed: int = 0
     threads: int = 2
     max_minutes: float = 0.0  # 0 = no time cap; else stop after the epoch that passes it
@@ -88,6 +88,23 @@ def tower_forward(
     return torch.zeros(len(content[0]), 1, 1), None, None
 
 
+def bucketed_tower_forward(
+    model: nn.Module, cat: CatalogTensors, items: torch.Tensor, buckets: int = 4
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`tower_forward` over ``items`` in text-length buckets, each trimmed to
+    its own longest text (padding costs attention and MLP work but changes nothing,
+    since it is masked); results come back in ``items`` order."""
+    order = torch.argsort(cat.text_len[items])
+    parts = [tower_forward(model, cat.content(items[chunk])) for chunk in order.chunk(buckets)]
+    inverse = torch.argsort(order)
+    emb = torch.cat([p[0] for p in parts])[inverse]
+    if parts[0][1] is None:
+        return emb, None, None
+    ita = torch.cat([p[1] for p in parts if p[1] is not None])[inverse]
+    tia = torch.cat([p[2] for p in parts if p[2] is not None])[inverse]
+    return emb, ita, tia
+
+
 def ranker_inputs(emb: torch.Tensor, cat: CatalogTensors, items: torch.Tensor, b: Batch
                   ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The seven DESIGN section 3 tensors of a batch, given the batch items' embeddings."""
@@ -109,7 +126,7 @@ def ranker_inputs(emb: torch.Tensor, cat: CatalogTensors, items: torch.Tensor, b
 def batch_loss(model: nn.Module, cat: CatalogTensors, b: Batch, s: TrainSettings,
                gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     items = torch.from_numpy(b.items)
-    emb, ita, tia = tower_forward(model, cat.content(items))
+    emb, ita, tia = bucketed_tower_forward(model, cat, items)
     logits = model.get_submodule("ranker")(**ranker_inputs(emb, cat, items, b))
     loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(b.label))
     parts = {"cvr": loss.item()}
@@ -147,7 +164,7 @@ def predict(model: nn.Module, cat: CatalogTensors, split: Split, max_hist: int,
     pos = 0
     for b in iter_batches(split, cands_per_batch, max_hist):
         items = torch.from_numpy(b.items)
-        emb, _, _ = tower_forward(model, cat.content(items))
+        emb, _, _ = bucketed_tower_forward(model, cat, items)
         p = torch.sigmoid(
             model.get_submodule("ranker")(**ranker_inputs(emb, cat, items, b))
         ).numpy()

@@ -1,0 +1,29 @@
+"""The console script, run in-process and as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mmrank.cli import main
+
+
+def test_world_command(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    assert main(["world", "--seed", "1", "--out", str(out), "--users", "50", "--items", "40"]) == 0
+    assert pq.read_table(out / "users.parquet").num_rows == 50
+    assert pq.read_table(out / "items.parquet").num_rows == 40
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    code = main(["train", "--model", "camenn", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "is not a world directory" in caplog.text
+
+
+def test_console_script_help_does_not_import_torch() -> None:
+    code = "import sys; from mmrank.cli import build_parser; build_parser(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
