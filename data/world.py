@@ -54,8 +54,8 @@ USER_FIELDS = (
 @dataclass
 class WorldConfig:
     seed: int = 0
-    n_users: int = 3000  # ~5 requests each -> ~150k labelled candidates
-    n_items: int = 3000  # Zipf popularity: a long tail ids cannot memorise
+    n_users: int = 1500  # ~6 requests of ~10 candidates each -> ~80k labelled candidates
+    n_items: int = 1500  # Zipf popularity: a long tail ids cannot memorise
     n_categories: int = 16  # fine categories: visible only in content
     n_coarse: int = 4  # coarse groups of fine categories: a categorical field
     n_styles: int = 6  # visible only in content
@@ -64,8 +64,8 @@ class WorldConfig:
     image_dim: int = 32  # stands in for CNN patch features
     max_text_len: int = 50  # CameNN: at most 50 text tokens
     n_patches: int = 9  # 3 x 3 image patches
-    token_noise: float = 0.8  # per-token noise (word vectors have unit scale)
-    patch_noise: float = 1.0  # per-patch noise
+    token_noise: float = 0.5  # per-token noise (word vectors have norm ~2.8)
+    patch_noise: float = 0.7  # per-patch noise
     mismatch_rate: float = 0.10  # planted text/image mismatch (dirty listings)
     no_image_rate: float = 0.05  # listings without a photo (masked)
     no_text_rate: float = 0.02  # listings without a description (masked)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.common import Block, FieldEmbedding, mlp
+from models.common import Block, FieldEmbedding, init_embeddings, mlp
 
 BASELINES = ("lr", "din", "bst")
 
@@ -139,3 +139,5 @@ class Baseline(nn.Module):
             raise ValueError(f"unknown baseline {cfg.kind!r}; expected one of {BASELINES}")
         self.cfg = cfg
         self.ranker = kinds[cfg.kind](cfg)
+        if cfg.kind != "lr":  # LR's weights start at zero
+            init_embeddings(self)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Block, FieldEmbedding, content_tokens, mlp
+from models.common import Block, FieldEmbedding, content_tokens, init_embeddings, mlp
 
 ATTENTION_MODES = ("full", "candidate-isolated")
 
@@ -184,3 +184,4 @@ class CameNN(nn.Module):
         self.cfg = cfg
         self.tower = CameNNItemTower(cfg)
         self.ranker = CameNNRanker(cfg)
+        init_embeddings(self)

@@ -36,6 +36,14 @@ class FieldEmbedding(nn.Module):
         return self.table(ids + self.offsets)  # (..., F, dim)
 
 
+def init_embeddings(module: nn.Module) -> None:
+    """GPT-2 style: every embedding table N(0, 0.02). PyTorch's default N(0, 1) makes
+    position/segment embeddings (norm ~8) swamp the content they are added to."""
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
 ) -> torch.Tensor:

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Block, FieldEmbedding, LoRALinear, attend, content_tokens, mlp
+from models.common import (
+    Block,
+    FieldEmbedding,
+    LoRALinear,
+    attend,
+    content_tokens,
+    init_embeddings,
+    mlp,
+)
 
 
 @dataclass
@@ -180,6 +188,7 @@ class EM3(nn.Module):
         fi = len(cfg.item_buckets) * cfg.field_dim
         self.cic_id = nn.Linear(fi, cfg.cic_dim)
         self.cic_content = nn.Linear(cfg.q * cfg.d, cfg.cic_dim)
+        init_embeddings(self)
 
     def cic_loss(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """InfoNCE between ID and content views of the same items; emb (I, Q, D),

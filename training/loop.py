@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class TrainSettings:
     epochs: int = 8
     cands_per_batch: int = 256
-    lr: float = 4e-4  # CameNN paper: Adam lr 4e-4, betas (0.95, 0.999), weight decay 1e-4
+    lr: float = 1e-3  # paper: 4e-4; measured: 1e-3 learns faster here at batch 256
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-4  # decoupled (AdamW): L2-in-Adam would erase rarely seen ids
     patience: int = 2  # epochs without a better validation AUC before stopping
@@ -132,7 +132,7 @@ def batch_loss(model: nn.Module, cat: CatalogTensors, b: Batch, s: TrainSettings
     parts = {"cvr": loss.item()}
     if isinstance(model, CameNN) and ita is not None and tia is not None:
         ok = torch.nonzero(cat.align_ok[items]).flatten()
-        if len(ok) > 1:
+        if s.align_items and len(ok) > 1:
             ok = ok[torch.randperm(len(ok), generator=gen)[: s.align_items]]
             pool = cat.align_pool
             other = pool[torch.randint(len(pool), (len(ok),), generator=gen)]
