@@ -80,7 +80,7 @@ class WorldConfig:
     matched_share: float = 0.6  # candidates drawn by preference (a matching stage) vs popularity
     zipf: float = 1.0  # item popularity exponent
     base_logit: float = -2.8  # sets the conversion rate (~0.2-0.25)
-    pref_scale: float = 1.0  # user x fine-category affinity
+    pref_scale: float = 0.8  # user x fine-category affinity
     style_scale: float = 0.6
     quality_scale: float = 0.6
     item_bias_sd: float = 0.25  # id effects
