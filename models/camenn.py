@@ -115,7 +115,10 @@ class CameNNRanker(nn.Module):
         assert cfg.attention in ATTENTION_MODES, f"attention must be one of {ATTENTION_MODES}"
         self.cfg = cfg
         d = cfg.d_model
-        self.user_fields = FieldEmbedding(cfg.user_buckets, d)  # each field is one token
+        # each user/context field is one token: a field_dim embedding projected to d (a
+        # d-wide table per field memorises user ids long before content is learned)
+        self.user_fields = FieldEmbedding(cfg.user_buckets, cfg.field_dim)
+        self.user_in = nn.Linear(cfg.field_dim, d)
         self.item_fields = FieldEmbedding(cfg.item_buckets, cfg.field_dim)
         self.item_in = nn.Linear(cfg.q * cfg.d + len(cfg.item_buckets) * cfg.field_dim, d)
         self.kind = nn.Embedding(3, d)  # 0 other-feature, 1 history item, 2 target item
@@ -153,7 +156,8 @@ class CameNNRanker(nn.Module):
         _u, n = hist_mask.shape
         assert n <= self.cfg.max_hist, f"history length {n} > max_hist {self.cfg.max_hist}"
         fu = user_sparse.shape[1]
-        other = self.user_fields(user_sparse) + self.field_pos.weight[:fu] + self.kind.weight[0]
+        other = self.user_in(self.user_fields(user_sparse)) + self.field_pos.weight[:fu]
+        other = other + self.kind.weight[0]  # (U, Fu, d)
         hist = (
             self.item_tokens(hist_emb, hist_sparse) + self.hist_pos.weight[:n] + self.kind.weight[1]
         )  # (U, N, d)
