@@ -9,8 +9,13 @@ quality sensitivity, observable only through a history of bought items and weakl
 through their profile fields. Each request shows a user a few candidates chosen by a
 matching stage; conversion is drawn from a known ``p_true``:
 
-    logit = base + pref[u, cat] + style[u] . style_vec[i] + beta[u] * quality[i]
-            + item_bias[i] + user_bias[u] + slot_effect[slot, coarse[i]]
+    logit = base + a_p * pref[u, cat[i]] + a_s * style_pref[u, style[i]]
+            + a_q * beta[u] * quality[i] + item_bias[i] + user_bias[u]
+            + slot_effect[slot, coarse[i]]
+
+Users have three favourite categories and one favourite style (their histories are
+drawn mostly from those), so a long enough history identifies them; cold-start users
+have no history and only their (age, gender) segment's lean.
 
 The retailer's categorical fields only carry the *coarse* category (4 groups of 4
 fine ones) and the brand (a noisy quality proxy), so a content-blind model cannot
@@ -79,10 +84,10 @@ class WorldConfig:
     cands_per_request: int = 10
     matched_share: float = 0.6  # candidates drawn by preference (a matching stage) vs popularity
     zipf: float = 1.0  # item popularity exponent
-    base_logit: float = -2.8  # sets the conversion rate (~0.2-0.25)
+    base_logit: float = -2.8  # sets the conversion rate (~0.15-0.2)
     pref_scale: float = 0.8  # user x fine-category affinity
-    style_scale: float = 0.6
-    quality_scale: float = 0.6
+    style_scale: float = 0.6  # user x style affinity
+    quality_scale: float = 0.6  # quality, weighed by the user's sensitivity
     item_bias_sd: float = 0.25  # id effects
     user_bias_sd: float = 0.3
     slot_sd: float = 0.3

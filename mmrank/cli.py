@@ -70,7 +70,9 @@ def _demo(args: argparse.Namespace) -> int:
     log.info("[1/3] synthetic world -> %s", out / "world")
     write_world(WorldConfig(seed=args.seed), out / "world")
     log.info("[2/3] training CameNN (candidate-isolated)")
-    settings = TrainSettings(seed=args.seed, progress=not args.quiet)
+    # the demo model's budget is 5 minutes on 2 cores: stop after the epoch that passes 3.5
+    settings = TrainSettings(seed=args.seed, progress=not args.quiet, threads=args.threads,
+                             max_minutes=args.max_minutes)  # fmt: skip
     train_run(
         "camenn", str(out / "world"), out / "run", settings, {"attention": "candidate-isolated"}
     )
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the end-to-end demo")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--baselines", action="store_true", help="also train LR, DIN and BST")
+    d.add_argument("--max-minutes", type=float, default=3.5, help="training time cap")
     training_flags(d)
     d.set_defaults(func=_demo)
     return p

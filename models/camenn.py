@@ -131,7 +131,10 @@ class CameNNRanker(nn.Module):
         self.gate = nn.Linear(d, cfg.n_experts)  # the CVR task's gate (ITA/TIA live on the tower)
         self.tower = Block(d, cfg.n_head, cfg.dropout)
         self.ln_f = nn.LayerNorm(d)
-        self.head = mlp(2 * d, cfg.head_hidden, cfg.dropout)
+        # as in BST, the head also reads the other-feature embeddings directly: user and
+        # context effects need not be found by attention first
+        n_user = len(cfg.user_buckets) * cfg.field_dim
+        self.head = mlp(2 * d + n_user, cfg.head_hidden, cfg.dropout)
 
     def item_tokens(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """(..., Q, D) embeddings + (..., Fi) fields -> (..., d) item tokens."""
@@ -156,7 +159,8 @@ class CameNNRanker(nn.Module):
         _u, n = hist_mask.shape
         assert n <= self.cfg.max_hist, f"history length {n} > max_hist {self.cfg.max_hist}"
         fu = user_sparse.shape[1]
-        other = self.user_in(self.user_fields(user_sparse)) + self.field_pos.weight[:fu]
+        fields = self.user_fields(user_sparse)  # (U, Fu, field_dim)
+        other = self.user_in(fields) + self.field_pos.weight[:fu]
         other = other + self.kind.weight[0]  # (U, Fu, d)
         hist = (
             self.item_tokens(hist_emb, hist_sparse) + self.hist_pos.weight[:n] + self.kind.weight[1]
@@ -177,7 +181,8 @@ class CameNNRanker(nn.Module):
             mu_x = self._mix(hu, [o[0] for o in outs])  # (U, S, d)
             mc_x = self._mix(hc, [o[1] for o in outs])  # (B, d)
             t = self.tower.forward_isolated(mu_x, mu, mc_x, cand_user)[1]  # (B, d)
-        return self.head(torch.cat([self.ln_f(t), xc], dim=-1))[:, 0]  # (B,)
+        wide = fields.flatten(1)[cand_user]  # (B, Fu * field_dim)
+        return self.head(torch.cat([self.ln_f(t), xc, wide], dim=-1))[:, 0]  # (B,)
 
 
 class CameNN(nn.Module):

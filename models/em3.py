@@ -104,9 +104,7 @@ class FQFormer(nn.Module):
             dim=1,
         )
         x = x + self.pos(torch.arange(q + p + lt, device=x.device))  # (I, T, d)
-        mask = torch.cat(
-            [text_mask.new_ones((n, q)), image_mask, text_mask], 1
-        )
+        mask = torch.cat([text_mask.new_ones((n, q)), image_mask, text_mask], 1)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_f(x[:, :q])  # (I, Q, D)

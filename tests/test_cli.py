@@ -19,7 +19,17 @@ def test_world_command(tmp_path: Path) -> None:
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
-    code = main(["train", "--model", "camenn", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    code = main(
+        [
+            "train",
+            "--model",
+            "camenn",
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2
     assert "is not a world directory" in caplog.text
 

@@ -27,7 +27,11 @@ def test_labels_are_drawn_from_p_true(tiny_world: Path) -> None:
     label, p = np.asarray(t["label"]), np.asarray(t["p_true"])
     assert ((p > 0) & (p < 1)).all()
     # Bernoulli: observed rate within 4 standard errors of the expected rate, per p decile
-    for lo, hi in zip(np.quantile(p, np.linspace(0, 0.9, 10)), np.quantile(p, np.linspace(0.1, 1, 10)), strict=True):
+    for lo, hi in zip(
+        np.quantile(p, np.linspace(0, 0.9, 10)),
+        np.quantile(p, np.linspace(0.1, 1, 10)),
+        strict=True,
+    ):
         sel = (p >= lo) & (p <= hi)
         se = np.sqrt((p[sel] * (1 - p[sel])).sum()) / sel.sum()
         assert abs(label[sel].mean() - p[sel].mean()) < 4 * se + 1e-3
@@ -37,7 +41,9 @@ def test_oracle_auc_is_auc_of_p_true(tiny_world: Path) -> None:
     data = load_world(tiny_world)
     t = pq.read_table(tiny_world / "interactions.parquet").to_pydict()
     split = np.asarray(t["split"])
-    expected = roc_auc_score(np.asarray(t["label"])[split == "test"], np.asarray(t["p_true"])[split == "test"])
+    expected = roc_auc_score(
+        np.asarray(t["label"])[split == "test"], np.asarray(t["p_true"])[split == "test"]
+    )
     assert data.test.p_true is not None
     assert abs(roc_auc_score(data.test.label, data.test.p_true) - expected) < 1e-12
 
@@ -63,9 +69,17 @@ def test_planted_mismatch_is_really_another_category(tiny_world: Path) -> None:
     kind = np.asarray(items["true_mismatch"])
     cata = data.catalog
     mean_tok = cata.text.sum(1) / np.maximum(cata.text_len, 1)[:, None]
-    centroids = np.stack([mean_tok[(cat == c) & (kind == "none")].mean(0) for c in range(16) if ((cat == c) & (kind == "none")).any()])
+    centroids = np.stack(
+        [
+            mean_tok[(cat == c) & (kind == "none")].mean(0)
+            for c in range(16)
+            if ((cat == c) & (kind == "none")).any()
+        ]
+    )
     present = [c for c in range(16) if ((cat == c) & (kind == "none")).any()]
-    nearest = np.asarray(present)[np.argmin(((mean_tok[:, None] - centroids[None]) ** 2).sum(-1), 1)]
+    nearest = np.asarray(present)[
+        np.argmin(((mean_tok[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    ]
     clean, bad = kind == "none", kind == "text"
     assert (nearest[clean] == cat[clean]).mean() > 0.8
     assert (nearest[bad] == cat[bad]).mean() < 0.3

@@ -27,7 +27,11 @@ def em3() -> EM3:
     return EM3(cfg).eval()
 
 
-MODELS = {"camenn-full": lambda: camenn("full"), "camenn-isolated": lambda: camenn("candidate-isolated"), "em3": em3}
+MODELS = {
+    "camenn-full": lambda: camenn("full"),
+    "camenn-isolated": lambda: camenn("candidate-isolated"),
+    "em3": em3,
+}
 
 
 def content(n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -38,7 +42,9 @@ def content(n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     return text, text_len, image, has_image
 
 
-def ranker_inputs(model: torch.nn.Module, u: int, n: int, b: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def ranker_inputs(
+    model: torch.nn.Module, u: int, n: int, b: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     q, d = model.cfg.q, model.cfg.d
     hist_mask = torch.rand(u, n, generator=gen) > 0.3
@@ -47,7 +53,8 @@ def ranker_inputs(model: torch.nn.Module, u: int, n: int, b: int, seed: int = 0)
     return {
         "user_sparse": torch.randint(1, 5, (u, len(USER_BUCKETS)), generator=gen),
         "hist_emb": torch.randn(u, n, q, d, generator=gen) * hist_mask[..., None, None],
-        "hist_sparse": torch.randint(1, 7, (u, n, len(ITEM_BUCKETS)), generator=gen) * hist_mask[..., None],
+        "hist_sparse": torch.randint(1, 7, (u, n, len(ITEM_BUCKETS)), generator=gen)
+        * hist_mask[..., None],
         "hist_mask": hist_mask,
         "cand_emb": torch.randn(b, q, d, generator=gen),
         "cand_sparse": torch.randint(1, 7, (b, len(ITEM_BUCKETS)), generator=gen),
@@ -70,7 +77,7 @@ def test_tower_shapes_and_missing_modalities(name: str) -> None:
     text2, image2 = text.clone(), image.clone()
     text2[0] += 100.0
     image2[1] += 100.0
-    text2[2, int(text_len[2]):] += 100.0  # padding beyond the text length
+    text2[2, int(text_len[2]) :] += 100.0  # padding beyond the text length
     out2 = model.tower(text2, text_len, image2, has_image)
     emb2 = out2[0] if isinstance(out2, tuple) else out2
     torch.testing.assert_close(emb, emb2, atol=1e-6, rtol=0)
@@ -166,11 +173,15 @@ def test_em3_cic_loss_is_infonce_over_the_batch() -> None:
     model = em3()
     gen = torch.Generator().manual_seed(3)
     emb = torch.randn(16, 2, 64, generator=gen, requires_grad=True)
-    sparse = torch.stack([torch.randint(1, 211, (16,), generator=gen), torch.randint(1, 13, (16,), generator=gen)], 1)
+    sparse = torch.stack(
+        [torch.randint(1, 211, (16,), generator=gen), torch.randint(1, 13, (16,), generator=gen)], 1
+    )
     loss = model.cic_loss(emb, sparse)
     assert loss.ndim == 0 and 0 < loss.item() < 2 * torch.log(torch.tensor(16.0)) + 1
     loss.backward()
-    assert model.cic_id.weight.grad is not None and emb.grad is not None and emb.grad.abs().sum() > 0
+    assert (
+        model.cic_id.weight.grad is not None and emb.grad is not None and emb.grad.abs().sum() > 0
+    )
     # a few steps on this batch drive the matched pairs together: loss falls well below log(16)
     opt = torch.optim.Adam([*model.cic_id.parameters(), *model.cic_content.parameters(),
                             *model.ranker.item_fields.parameters()], lr=1e-2)  # fmt: skip
@@ -184,6 +195,8 @@ def test_em3_cic_loss_is_infonce_over_the_batch() -> None:
 @pytest.mark.parametrize("kind", ["lr", "din", "bst"])
 @torch.no_grad()
 def test_baselines_take_the_same_tensors(kind: str) -> None:
-    model = Baseline(BaselineConfig(kind=kind, user_buckets=USER_BUCKETS, item_buckets=ITEM_BUCKETS)).eval()
+    model = Baseline(
+        BaselineConfig(kind=kind, user_buckets=USER_BUCKETS, item_buckets=ITEM_BUCKETS)
+    ).eval()
     x = ranker_inputs(camenn("full"), u=3, n=4, b=8)
     assert model.ranker(**x).shape == (8,)
