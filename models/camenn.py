@@ -188,6 +188,8 @@ class CameNNRanker(nn.Module):
 class CameNN(nn.Module):
     """Item tower + ranker, trained end to end (ITA + TIA + CVR)."""
 
+    cfg: CameNNConfig
+
     def __init__(self, cfg: CameNNConfig) -> None:
         super().__init__()
         self.cfg = cfg

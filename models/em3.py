@@ -178,6 +178,8 @@ class EM3Ranker(nn.Module):
 class EM3(nn.Module):
     """FQ-Former + ranker, trained end to end (CVR + CIC)."""
 
+    cfg: EM3Config
+
     def __init__(self, cfg: EM3Config) -> None:
         super().__init__()
         self.cfg = cfg

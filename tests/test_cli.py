@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from mmrank.cli import main
 
@@ -18,7 +19,7 @@ def test_world_command(tmp_path: Path) -> None:
     assert pq.read_table(out / "items.parquet").num_rows == 40
 
 
-def test_bad_data_path_is_a_clear_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_bad_data_path_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     code = main(
         [
             "train",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def em3() -> EM3:
     return EM3(cfg).eval()
 
 
-MODELS = {
+MODELS: dict[str, Callable[[], CameNN | EM3]] = {
     "camenn-full": lambda: camenn("full"),
     "camenn-isolated": lambda: camenn("candidate-isolated"),
     "em3": em3,
@@ -43,7 +45,7 @@ def content(n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
 
 
 def ranker_inputs(
-    model: torch.nn.Module, u: int, n: int, b: int, seed: int = 0
+    model: CameNN | EM3, u: int, n: int, b: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     q, d = model.cfg.q, model.cfg.d
@@ -189,7 +191,7 @@ def test_em3_cic_loss_is_infonce_over_the_batch() -> None:
         opt.zero_grad()
         model.cic_loss(emb.detach(), sparse).backward()
         opt.step()
-    assert float(model.cic_loss(emb.detach(), sparse)) < 0.5 * float(torch.log(torch.tensor(16.0)))
+    assert model.cic_loss(emb.detach(), sparse).item() < 0.5 * float(torch.log(torch.tensor(16.0)))
 
 
 @pytest.mark.parametrize("kind", ["lr", "din", "bst"])
