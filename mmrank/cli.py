@@ -76,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
     train_run(
         "camenn", str(out / "world"), out / "run", settings, {"attention": "candidate-isolated"}
     )
-    log.info("[3/3] evaluating against the oracle and the LR baseline")
+    log.info("[3/3] evaluating against the oracle%s", " and LR/DIN/BST" if args.baselines else "")
     m = evaluate_run(out / "run", baselines=args.baselines, progress=not args.quiet)
     log.info("\n%s", (out / "run" / "report.md").read_text())
     log.info("test AUC %.4f vs oracle %.4f", m["test_auc"], m["oracle_auc"])
