@@ -14,7 +14,11 @@ from data import movielens
 from data.dataset import RankingData
 from mmrank.features import hash_column
 
-DATA_DIR = Path("/work/shared/data/movielens100k")
+_CANDIDATES = [
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens100k",  # beside the repo
+    Path("/work/shared/data/movielens100k"),
+]
+DATA_DIR = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="MovieLens-100K not available")
 
 
