@@ -57,8 +57,6 @@ class CameNNConfig:
 class CameNNItemTower(nn.Module):
     """Item content -> (item embedding (I, 1, D), ITA logit (I,), TIA logit (I,))."""
 
-    segments: torch.Tensor
-
     def __init__(self, cfg: CameNNConfig) -> None:
         super().__init__()
         d = cfg.d_model
@@ -74,8 +72,7 @@ class CameNNItemTower(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.ita = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.tia = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
-        lt, p = cfg.max_text_len, cfg.n_patches
-        self.register_buffer("segments", torch.tensor([0] * (lt + 2) + [1] * p), persistent=False)
+        self.max_text_len = cfg.max_text_len
 
     def forward(
         self,
@@ -97,8 +94,14 @@ class CameNNItemTower(nn.Module):
             ],
             dim=1,
         )  # (I, T = Lt + P + 2, d)
-        seg = torch.cat([self.segments[: lt + 2], self.segments[-p:]])  # (T,)
-        x = x + self.pos(torch.arange(x.shape[1], device=x.device)) + self.seg(seg)
+        # positions do not depend on how far the text is padded: CLS 0, text 1..Lt,
+        # SEP max_text_len + 1, patches after it; otherwise the same item would get a
+        # different embedding in every batch, and the heads could read the padding
+        big = self.max_text_len
+        ids = torch.arange(big + 2 + p, device=x.device)
+        ids = torch.cat([ids[: lt + 1], ids[big + 1 :]])  # (T,)
+        seg = (ids > big + 1).long()  # 0 = 'T' (CLS, text, SEP), 1 = 'I'
+        x = x + self.pos(ids) + self.seg(seg)
         mask = torch.cat([special, text_mask, special, image_mask], dim=1)  # (I, T)
         for block in self.blocks:
             x = block(x, mask)

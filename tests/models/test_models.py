@@ -202,3 +202,19 @@ def test_baselines_take_the_same_tensors(kind: str) -> None:
     ).eval()
     x = ranker_inputs(camenn("full"), u=3, n=4, b=8)
     assert model.ranker(**x).shape == (8,)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
+def test_item_embedding_does_not_depend_on_text_padding(name: str) -> None:
+    """The same item gets the same embedding however far its batch pads the text."""
+    model = MODELS[name]()
+    text, text_len, image, has_image = content(4, torch.Generator().manual_seed(5))
+    text_len = torch.tensor([2, 3, 1, 0])
+    short = model.tower(text[:, :3], text_len, image, has_image)
+    long = model.tower(text, text_len, image, has_image)  # padded to 8
+    a = short[0] if isinstance(short, tuple) else short
+    b = long[0] if isinstance(long, tuple) else long
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    if isinstance(short, tuple) and isinstance(long, tuple):
+        torch.testing.assert_close(short[1], long[1], atol=1e-5, rtol=0)  # ITA
