@@ -69,9 +69,8 @@ class Split:
     cand_item: np.ndarray  # (B,) int64 item index
     label: np.ndarray  # (B,) float32 in {0, 1}
     p_true: np.ndarray | None = None  # (B,) float32 true conversion probability
-    row_user: np.ndarray | None = (
-        None  # (R,) int64 user of each row, to batch a user's rows together
-    )
+    # (R,) int64 user of each row, so that batches can keep a user's rows together
+    row_user: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         r = len(self.user_sparse)

@@ -78,7 +78,7 @@ class WorldConfig:
     max_history: int = 50
     cold_user_rate: float = 0.03  # ... except cold-start users, who have none
     history_focus: float = 2.0  # how strongly purchases follow preference (vs. chance)
-    pref_noise: float = 0.1  # spread of the non-favourite categories' affinity
+    pref_noise: float = 0.1  # spread of the affinity to non-favourite categories and styles
     beta_sd: float = 0.2  # spread of users' quality sensitivity around 1
     requests_per_user: float = 5.0  # Poisson mean (+1)
     cands_per_request: int = 10

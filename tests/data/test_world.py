@@ -70,14 +70,8 @@ def test_planted_mismatch_is_really_another_category(tiny_world: Path) -> None:
     kind = np.asarray(items["true_mismatch"])
     cata = data.catalog
     mean_tok = cata.text.sum(1) / np.maximum(cata.text_len, 1)[:, None]
-    centroids = np.stack(
-        [
-            mean_tok[(cat == c) & (kind == "none")].mean(0)
-            for c in range(16)
-            if ((cat == c) & (kind == "none")).any()
-        ]
-    )
     present = [c for c in range(16) if ((cat == c) & (kind == "none")).any()]
+    centroids = np.stack([mean_tok[(cat == c) & (kind == "none")].mean(0) for c in present])
     nearest = np.asarray(present)[
         np.argmin(((mean_tok[:, None] - centroids[None]) ** 2).sum(-1), 1)
     ]
@@ -103,10 +97,11 @@ def test_histories_are_most_recent_first_and_padded(tiny_world: Path) -> None:
     data = load_world(tiny_world, max_hist=50)
     users = pq.read_table(tiny_world / "users.parquet").to_pydict()
     index = {iid: k for k, iid in enumerate(data.catalog.item_ids)}
-    n = len(users["history"][0])
-    want = [index[x] for x in users["history"][0]][::-1]
-    # row 0 of the train split belongs to some user; find that user's rows by history equality
     hist = data.train.hist
     real = (hist >= 0).sum(1)
-    assert ((hist[:, :][real[:, None] <= np.arange(hist.shape[1])]) == -1).all()
-    assert n == 0 or any((hist[r, :n] == want).all() for r in range(len(hist)))
+    assert (hist[real[:, None] <= np.arange(hist.shape[1])] == -1).all(), "padding after real"
+    assert data.train.row_user is not None
+    u = int(data.train.row_user[0])  # the user of train row 0, and all of that user's rows
+    want = [index[x] for x in users["history"][u]][::-1]  # stored oldest first
+    for r in np.flatnonzero(data.train.row_user == u):
+        assert real[r] == len(want) and (hist[r, : len(want)] == want).all()
