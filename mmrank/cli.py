@@ -83,6 +83,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from model_export.export import export_run
+
+    m = export_run(
+        Path(args.run),
+        Path(args.out),
+        fp16=args.fp16,
+        opset=args.opset,
+        version=args.version,
+        force=args.force,
+    )
+    diffs = {k: f"{g.parity_max_abs_diff:.2g} (tol {g.tolerance:g})" for k, g in m.graphs.items()}
+    log.info(
+        "repository %s: %s version %s; ONNX Runtime vs PyTorch max abs diff %s",
+        args.out,
+        m.name,
+        m.version,
+        diffs,
+    )
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from model_export import bench
+    from model_export.repository import open_repository
+
+    repos = [open_repository(r) for r in args.repos]
+    latency = [
+        row
+        for repo in repos
+        for row in bench.bench_repository(
+            repo,
+            args.k,
+            args.n,
+            threads=args.threads,
+            optimization=args.optimization,
+            min_runs=args.min_runs,
+        )
+    ]
+    levels = (
+        [
+            row
+            for repo in repos
+            for row in bench.bench_levels(
+                repo, args.levels_k, args.n, threads=args.threads, min_runs=args.min_runs
+            )
+        ]
+        if args.levels
+        else []
+    )
+    sys.stdout.write(bench.render_markdown(latency, levels))
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.to_json(latency, levels), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrank", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", action="store_true", help="also train LR, DIN and BST")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("export", help="ONNX ranker + item tower, manifest, Triton configs")
+    x.add_argument("run")
+    x.add_argument("--out", required=True, help="model repository directory to write")
+    x.add_argument("--fp16", action="store_true", help="also write float16 graphs (GPU)")
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--version", help="model version string (default: weights sha256[:12])")
+    x.add_argument("--force", action="store_true", help="replace an existing --out")
+    x.set_defaults(func=_export)
+
+    bm = sub.add_parser("bench-model", help="model-only ONNX Runtime CPU latency per request")
+    bm.add_argument("repos", nargs="+", metavar="REPO")
+    bm.add_argument("--k", type=int, nargs="+", default=[100, 500, 1000], help="candidates")
+    bm.add_argument("--n", type=int, default=50, help="history length")
+    bm.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    bm.add_argument(
+        "--optimization",
+        choices=["disable", "basic", "extended", "all"],
+        default="extended",
+        help="graph optimisation level",
+    )
+    bm.add_argument("--levels", action="store_true", help="also compare optimisation levels")
+    bm.add_argument("--levels-k", type=int, default=500, help="K for the level comparison")
+    bm.add_argument("--min-runs", type=int, default=5)
+    bm.add_argument("--json", help="also write the results as JSON here")
+    bm.set_defaults(func=_bench_model)
 
     d = sub.add_parser("demo", help="the end-to-end demo")
     d.add_argument("--out", default="runs/demo")
