@@ -110,29 +110,19 @@ def _bench_model(args: argparse.Namespace) -> int:
     from model_export.repository import open_repository
 
     repos = [open_repository(r) for r in args.repos]
+    timing = {"threads": args.threads, "min_runs": args.min_runs, "min_seconds": args.min_seconds}
     latency = [
         row
         for repo in repos
         for row in bench.bench_repository(
-            repo,
-            args.k,
-            args.n,
-            threads=args.threads,
-            optimization=args.optimization,
-            min_runs=args.min_runs,
+            repo, args.k, args.n, optimization=args.optimization, **timing
         )
     ]
-    levels = (
-        [
-            row
-            for repo in repos
-            for row in bench.bench_levels(
-                repo, args.levels_k, args.n, threads=args.threads, min_runs=args.min_runs
-            )
+    levels = []
+    if args.levels:
+        levels = [
+            row for r in repos for row in bench.bench_levels(r, args.levels_k, args.n, **timing)
         ]
-        if args.levels
-        else []
-    )
     sys.stdout.write(bench.render_markdown(latency, levels))
     if args.json:
         Path(args.json).write_text(json.dumps(bench.to_json(latency, levels), indent=2))
@@ -198,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument("--levels", action="store_true", help="also compare optimisation levels")
     bm.add_argument("--levels-k", type=int, default=500, help="K for the level comparison")
-    bm.add_argument("--min-runs", type=int, default=5)
+    bm.add_argument("--min-runs", type=int, default=5, help="timed runs per measurement, at least")
+    bm.add_argument("--min-seconds", type=float, default=0.5, help="time per measurement, at least")
     bm.add_argument("--json", help="also write the results as JSON here")
     bm.set_defaults(func=_bench_model)
 
