@@ -36,5 +36,6 @@ class GoldenMismatchError(ModelRepositoryError):
     """A graph's output on the stored golden batch is outside the manifest's tolerance."""
 
 
-class ExportError(RuntimeError):
-    """An export failed a check that it runs before writing the repository."""
+class ExportError(ValueError):
+    """An export was refused (the output exists) or failed a check that it runs before
+    writing the repository; nothing is left at the output path."""

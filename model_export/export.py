@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,12 +156,19 @@ def _export_graph(
     path: Path,
     metadata: dict[str, str],
 ) -> None:
-    try:
-        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=True)
-    except Exception as exc:
-        raise ExportError(f"torch.export failed for {path.name}: {exc}") from exc
     chatter = io.StringIO()  # the ONNX exporter reports progress on stdout
-    with contextlib.redirect_stdout(chatter), _quiet("onnx_ir", "onnxscript"):
+    with (
+        contextlib.redirect_stdout(chatter),
+        _quiet("onnx_ir", "onnxscript"),
+        warnings.catch_warnings(),
+    ):
+        # torch's own deprecation notices and axis-renaming remarks, not about this model
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name", category=UserWarning)
+        try:
+            ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=True)
+        except Exception as exc:
+            raise ExportError(f"torch.export failed for {path.name}: {exc}") from exc
         program = torch.onnx.export(
             ep,
             input_names=list(inputs),
@@ -261,7 +269,7 @@ def export_run(
 
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+        raise ExportError(f"{out} exists; pass --force to replace it")
     name, model, meta = load_run(Path(run))
     if not isinstance(model, CameNN | EM3):
         raise ValueError(f"only camenn and em3 runs export; {run} holds {name!r}")
