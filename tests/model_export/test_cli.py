@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from export_fixtures import MODELS, Exported, exported_models
 
+from data.world import WorldConfig, write_world
 from mmrank.cli import main
 from model_export.repository import open_repository
 from model_export.torch_reference import TorchReference
@@ -22,8 +23,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     return exported_models(tmp_path_factory)
 
 
-def test_export_a_trained_run(tiny_world: Path, tmp_path: Path) -> None:
-    run, repo = tmp_path / "run", tmp_path / "repo"
+def test_export_a_trained_run(tmp_path: Path) -> None:
+    run, repo, world = tmp_path / "run", tmp_path / "repo", tmp_path / "world"
+    # a world smaller than tiny_world: the export path is under test, not the model
+    write_world(WorldConfig(seed=0, n_users=120, n_items=150, requests_per_user=2.0), world)
     # a real (short) training run of a small EM3: the export path, not the model, is tested
     settings = TrainSettings(
         epochs=1, lora_epochs=1, max_hist=20, cands_per_batch=1024, progress=False
@@ -36,7 +39,7 @@ def test_export_a_trained_run(tiny_world: Path, tmp_path: Path) -> None:
         "dnn_hidden": [32],
         "field_dim": 4,
     }
-    metrics = train_run("em3", str(tiny_world), run, settings, small)
+    metrics = train_run("em3", str(world), run, settings, small)
     assert main(["export", str(run), "--out", str(repo)]) == 0
     r = open_repository(repo)
     m = r.manifest
