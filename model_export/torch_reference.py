@@ -66,10 +66,14 @@ class TorchReference:
         missing = [n for n in names if n not in feeds]
         if missing:
             raise KeyError(f"missing inputs {missing}")
+        prev = torch.get_num_threads()
         if self.threads:
-            torch.set_num_threads(self.threads)
-        with torch.no_grad():
-            out = module(*(torch.from_numpy(np.asarray(feeds[n])) for n in names))
+            torch.set_num_threads(self.threads)  # restored below: no process-wide side effect
+        try:
+            with torch.no_grad():
+                out = module(*(torch.from_numpy(np.asarray(feeds[n])) for n in names))
+        finally:
+            torch.set_num_threads(prev)
         return out if isinstance(out, tuple) else (out,)
 
     def rank(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
