@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from training.loop import TrainSettings
@@ -129,6 +129,130 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(total: int, desc: str, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", disable=quiet, leave=False)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import time
+
+    from feature_store.catalogs import resolve
+    from feature_store.embed import embed_catalog, save_embeddings
+    from model_export.repository import open_repository
+
+    repo = open_repository(args.repo)
+    name, cat, _ = resolve(args.data)
+    t0 = time.perf_counter()
+    with _bar(len(cat.item_ids), "embed", args.quiet) as bar:
+        e = embed_catalog(repo, cat, batch=args.batch, threads=args.threads, progress=bar.update)
+    secs = time.perf_counter() - t0
+    e.meta["data"] = name
+    save_embeddings(Path(args.out), e)
+    n = len(e.item_ids)
+    sys.stdout.write(
+        f"embedded {n} items of {name} with {repo.manifest.name} {repo.manifest.version} "
+        f"in {secs:.2f}s ({n / max(secs, 1e-9):,.0f} items/s) -> {args.out}\n"
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from feature_store.catalogs import resolve
+    from feature_store.embed import build_version, load_embeddings
+    from feature_store.embedded import write_embedded
+    from feature_store.loader import connect_sync, load_version
+    from model_export.manifest import ITEM_TOWER
+    from model_export.repository import read_manifest
+
+    e = load_embeddings(Path(args.embeddings))
+    m = read_manifest(Path(args.repo))
+    tower_sha = m.files.get(m.graphs[ITEM_TOWER].file)
+    if (e.meta["model_version"], e.meta["item_tower_sha256"]) != (m.version, tower_sha):
+        raise ValueError(
+            f"{args.embeddings} was built by {e.meta['model_name']} {e.meta['model_version']}, "
+            f"not by the item tower of {args.repo} ({m.name} {m.version}); run `mmrank embed`"
+        )
+    users = resolve(args.data)[2] if args.data else None
+    data = build_version(e, users, args.version, args.key_buckets,
+                         {"embeddings": str(args.embeddings), "data": args.data})  # fmt: skip
+    if args.embedded:
+        write_embedded(Path(args.embedded), data)
+        sys.stdout.write(f"wrote version {data.manifest.version} to {args.embedded}\n")
+        return 0
+    if not args.redis:
+        raise ValueError("give --redis URL (with --cluster for Redis Cluster) or --embedded FILE")
+    client = connect_sync(args.redis, args.cluster)
+    try:
+        with _bar(len(data.item_ids), "load", args.quiet) as bar:
+            rep = load_version(client, data, args.namespace, grace_s=args.grace,
+                               progress=bar.update)  # fmt: skip
+    finally:
+        client.close()
+    sys.stdout.write(
+        f"loaded version {rep.version} ({rep.items} items, {rep.users} users) in "
+        f"{rep.write_seconds:.2f}s ({rep.items_per_s:,.0f} items/s), verified in "
+        f"{rep.verify_seconds:.2f}s; pointer flipped from {rep.previous}; "
+        f"deleted {rep.deleted or 'none'}\n"
+    )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from feature_store.audit import audit_rows, judged_count, to_csv
+    from feature_store.embed import load_embeddings
+
+    e = load_embeddings(Path(args.embeddings))
+    desc = None
+    if e.meta.get("data") == "hm":
+        from data.hm import article_texts
+
+        desc = article_texts()
+    rows = audit_rows(e, args.threshold, desc)
+    text = to_csv(rows)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    sys.stderr.write(
+        f"audit: {len(rows)} of {judged_count(e)} items with text and image flagged "
+        f"(ITA or TIA < {args.threshold})\n"
+    )
+    return 0
+
+
+def _bench_store(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from feature_store.bench import bench_store
+    from feature_store.local_redis import LocalCluster, LocalRedis
+
+    targets: list[tuple[str, str, bool]] = []
+    with contextlib.ExitStack() as stack:
+        single = args.redis or stack.enter_context(LocalRedis(["--maxmemory", "0"])).url
+        targets.append(("single node", single, False))
+        if not args.no_cluster:
+            cluster = args.cluster_url or stack.enter_context(LocalCluster()).url
+            targets.append(("3-master cluster", cluster, True))
+        lines = [
+            f"feature store: {args.items:,} items (160-byte records), reads of "
+            f"{args.hist} history + {args.cand} candidate items, {args.reads} reads each\n",
+            "| target | load items/s | read | p50 ms | p99 ms | mean ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, url, is_cluster in targets:
+            with _bar(args.items, f"load {label}", args.quiet) as bar:
+                rep, timings = bench_store(url, is_cluster, n_items=args.items, hist=args.hist,
+                                           cand=args.cand, reads=args.reads,
+                                           progress=bar.update)  # fmt: skip
+            for t in timings:
+                lines.append(f"| {label} | {rep.items_per_s:,.0f} | {t.name} | {t.p50_ms:.3f} | "
+                             f"{t.p99_ms:.3f} | {t.mean_ms:.3f} |")  # fmt: skip
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrank", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -193,6 +317,47 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--json", help="also write the results as JSON here")
     bm.set_defaults(func=_bench_model)
 
+    em = sub.add_parser("embed", help="run the exported item tower over a catalog")
+    em.add_argument("--repo", required=True, help="model repository (mmrank export)")
+    em.add_argument("--data", required=True, help="hm, movielens, world:PATH or a world PATH")
+    em.add_argument("--out", required=True, help="embeddings directory to write")
+    em.add_argument("--batch", type=int, default=256, help="items per ONNX Runtime call")
+    em.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    em.add_argument("--quiet", action="store_true")
+    em.set_defaults(func=_embed)
+
+    ld = sub.add_parser("load", help="write a new embedding version, verify, flip the pointer")
+    ld.add_argument("--repo", required=True, help="the model repository the embeddings came from")
+    ld.add_argument("--embeddings", required=True, help="embeddings directory (mmrank embed)")
+    ld.add_argument("--data", help="also load this dataset's users (world:PATH, PATH, movielens)")
+    ld.add_argument("--redis", help="redis://host:port/db (any node with --cluster)")
+    ld.add_argument("--cluster", action="store_true", help="the URL is a Redis Cluster node")
+    ld.add_argument("--embedded", help="write the embedded store file instead of Redis")
+    ld.add_argument("--namespace", default="mmrank", help="key prefix")
+    ld.add_argument("--version", help="version name (default: model version + UTC time)")
+    ld.add_argument("--grace", type=float, default=300.0,
+                    help="seconds a superseded version stays before deletion")  # fmt: skip
+    ld.add_argument("--key-buckets", type=int, default=64, help="cluster hash-tag buckets")
+    ld.add_argument("--quiet", action="store_true")
+    ld.set_defaults(func=_load)
+
+    au = sub.add_parser("audit", help="CSV of items whose ITA/TIA say text and image disagree")
+    au.add_argument("--embeddings", required=True, help="embeddings directory (mmrank embed)")
+    au.add_argument("--threshold", type=float, default=0.5, help="flag ITA or TIA below this")
+    au.add_argument("--out", help="CSV file (default: stdout)")
+    au.set_defaults(func=_audit)
+
+    bs = sub.add_parser("bench-store", help="feature store load rate and read latency")
+    bs.add_argument("--redis", help="single node URL (default: start a local redis-server)")
+    bs.add_argument("--cluster-url", help="cluster node URL (default: start a local 3-master one)")
+    bs.add_argument("--no-cluster", action="store_true", help="single node only")
+    bs.add_argument("--items", type=int, default=50_000)
+    bs.add_argument("--hist", type=int, default=50)
+    bs.add_argument("--cand", type=int, default=500)
+    bs.add_argument("--reads", type=int, default=500)
+    bs.add_argument("--quiet", action="store_true")
+    bs.set_defaults(func=_bench_store)
+
     d = sub.add_parser("demo", help="the end-to-end demo")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--baselines", action="store_true", help="also train LR, DIN and BST")
@@ -208,9 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from feature_store.errors import FeatureStoreError  # no dependencies
+
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, FeatureStoreError) as exc:
         log.error("%s", exc)
         return 2
 
