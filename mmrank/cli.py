@@ -253,6 +253,27 @@ def _bench_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from data.hm import USER_FIELDS, load_hm_catalog
+    from training.align import AlignSettings, train_align
+
+    if args.data != "hm":
+        raise ValueError("mmrank align trains on --data hm (the catalog without interactions)")
+    s = AlignSettings(seed=args.seed, threads=args.threads, progress=not args.quiet)
+    if args.epochs:
+        s.epochs = args.epochs
+    m = train_align(load_hm_catalog(), Path(args.out), s, "hm", USER_FIELDS)
+    t = m["test"]
+    sys.stdout.write(
+        f"held-out ({m['items']['test']} items, {int(t['negative_pairs'])} negative pairs per "
+        f"head): ITA {t['ita_accuracy']:.3f} (pos {t['ita_pos_accuracy']:.3f}, neg "
+        f"{t['ita_neg_accuracy']:.3f}), TIA {t['tia_accuracy']:.3f} (pos "
+        f"{t['tia_pos_accuracy']:.3f}, neg {t['tia_neg_accuracy']:.3f}); train ITA "
+        f"{m['train']['ita_accuracy']:.3f} TIA {m['train']['tia_accuracy']:.3f}; run -> {args.out}\n"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrank", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -316,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--min-seconds", type=float, default=0.5, help="time per measurement, at least")
     bm.add_argument("--json", help="also write the results as JSON here")
     bm.set_defaults(func=_bench_model)
+
+    al = sub.add_parser("align", help="train a CameNN item tower on ITA + TIA alone (H&M)")
+    al.add_argument("--data", default="hm", help="hm (the only catalog without interactions)")
+    al.add_argument("--out", required=True)
+    al.add_argument("--epochs", type=int)
+    training_flags(al)
+    al.set_defaults(func=_align)
 
     em = sub.add_parser("embed", help="run the exported item tower over a catalog")
     em.add_argument("--repo", required=True, help="model repository (mmrank export)")

@@ -96,7 +96,8 @@ def field_names(
     """The run's hashed fields by name (from the dataset module the run was trained
     on), checked against the bucket counts in its config; unknown datasets get
     positional names, and the returned note says so."""
-    source = importlib.import_module("data.movielens" if data_ref == "movielens" else "data.world")
+    module = {"movielens": "data.movielens", "hm": "data.hm"}.get(data_ref, "data.world")
+    source = importlib.import_module(module)
     users = tuple(Field(f.name, f.buckets) for f in source.USER_FIELDS)
     items = tuple(Field(f.name, f.buckets) for f in source.ITEM_FIELDS)
     if [f.buckets for f in users] == user_buckets and [f.buckets for f in items] == item_buckets:
