@@ -132,7 +132,9 @@ def encode_items(
 
 def finite_rows(rec: np.ndarray) -> np.ndarray:
     """(I,) bool: every float of the record is finite."""
-    ok = np.isfinite(rec["emb"].reshape(len(rec), int(np.prod(rec.dtype["emb"].shape)))).all(axis=1)  # (I,); I = 0 is fine
+    ok = np.isfinite(rec["emb"].reshape(len(rec), int(np.prod(rec.dtype["emb"].shape)))).all(
+        axis=1
+    )  # (I,); I = 0 is fine
     if rec.dtype.names is not None and "ita" in rec.dtype.names:
         ok &= np.isfinite(rec["ita"]) & np.isfinite(rec["tia"])
     return ok

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from feature_store.bench import synthetic_embeddings
 from feature_store.cache import RecordCache
 from feature_store.codec import (
     REJECT_NONFINITE,
@@ -20,6 +21,7 @@ from feature_store.codec import (
     record_dtype,
     split_records,
 )
+from feature_store.embed import build_version
 from feature_store.errors import RecordError, VersionError
 from feature_store.keys import (
     bucket,
@@ -31,8 +33,6 @@ from feature_store.keys import (
     user_key,
     version_pattern,
 )
-from feature_store.bench import synthetic_embeddings
-from feature_store.embed import build_version
 from model_export.manifest import item_record_json, record_dtype_from_json
 
 
@@ -77,7 +77,11 @@ def test_codec_round_trip(n: int, q: int, d: int, f: int, align: bool, seed: int
     dt = record_dtype(q, d, f, align)
     emb = rng.normal(size=(n, q, d)).astype(np.float32)
     sparse = rng.integers(0, 2**40, size=(n, f))
-    ita, tia = (rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)) if align else (None, None)
+    ita, tia = (
+        (rng.random(n).astype(np.float32), rng.random(n).astype(np.float32))
+        if align
+        else (None, None)
+    )
     rec = encode_items(dt, emb, sparse, ita, tia)
     values = split_records(rec)
     assert all(len(v) == dt.itemsize for v in values)

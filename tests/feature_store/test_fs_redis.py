@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fs_fixtures import ns, redis_cluster, redis_node, target  # noqa: F401
+from fs_fixtures import *  # noqa: F403  (the shared Redis fixtures)
 
 from feature_store.bench import synthetic_embeddings
 from feature_store.embed import Embeddings, build_version
@@ -86,7 +86,7 @@ def test_corrupt_records_rejected_counted(target: tuple[str, bool], ns: str) -> 
     nan["emb"][0, 0, 3] = np.nan
     client.set(k[1], nan.tobytes())
     client.set(k[2], data.records[2].tobytes() + b"\0")
-    user = [key for key in client.scan_iter(match=f"{ns}:v:v1:u:*:u0")][0]
+    user = next(iter(client.scan_iter(match=f"{ns}:v:v1:u:*:u0")))
     client.set(user, b"\x01")
 
     async def main() -> None:
@@ -241,6 +241,8 @@ def test_concurrent_flips_never_mix_versions(target: tuple[str, bool], ns: str) 
         return sum(r[0] for r in results), sum(seen.values()), seen, flips
 
     mixed, total, seen, flips = asyncio.run(main())
-    print(f"{'cluster' if cluster else 'single'}: {total} reads, {mixed} mixed, seen {seen}, {flips} flips")
+    print(
+        f"{'cluster' if cluster else 'single'}: {total} reads, {mixed} mixed, seen {seen}, {flips} flips"
+    )
     assert total >= 10_000 and mixed == 0
     assert min(seen.values()) > 100 and flips > 100  # both versions were really read
