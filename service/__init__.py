@@ -1,0 +1,1 @@
+"""mmrank ranking service (FastAPI): no torch, no training code."""
