@@ -1,0 +1,139 @@
+"""The app factory: :func:`create_app` builds a FastAPI app whose lifespan creates the
+feature-store client, the model (backend + batcher) and the ranking pipeline once, and
+closes them on shutdown. Routes (:mod:`service.routes`) fetch them through
+``app.state.services``.
+
+Start-up fails (the process exits) when the model repository does not verify; a feature
+store that does not answer yet only keeps the service not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+
+from feature_store.store import FeatureStore
+from service import errors
+from service.http import HttpMiddleware
+from service.metrics import Metrics
+from service.models import ModelHolder
+from service.ranking import RankingService
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_store(settings: Settings) -> FeatureStore:
+    s = settings.store
+    if s.kind == "embedded":
+        from feature_store.embedded import EmbeddedStore
+
+        assert s.path is not None  # checked by Settings
+        return EmbeddedStore(s.path, cache_items=s.cache_items, pointer_ttl_s=s.pointer_ttl_s)
+    from feature_store.reader import RedisSettings, RedisStore
+
+    return RedisStore(
+        RedisSettings(
+            url=s.url,
+            cluster=s.kind == "cluster",
+            namespace=s.namespace,
+            socket_timeout_s=s.socket_timeout_ms / 1e3,
+            connect_timeout_s=s.connect_timeout_ms / 1e3,
+            retries=s.retries,
+            max_connections=s.pool_size,
+            pointer_ttl_s=s.pointer_ttl_s,
+            cache_items=s.cache_items,
+        )
+    )
+
+
+@dataclass
+class Services:
+    """Everything the routes use, built once per app."""
+
+    settings: Settings
+    metrics: Metrics
+    store: FeatureStore
+    models: ModelHolder
+    ranking: RankingService
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> Services:
+        store = build_store(settings)
+        metrics.watch_store(store.stats)
+        models = ModelHolder(settings, metrics)
+        try:
+            await models.load_initial(settings.repo)
+        except BaseException:
+            await store.close()
+            raise
+        return cls(settings, metrics, store, models, RankingService(settings, store, models,
+                                                                    metrics))  # fmt: skip
+
+    async def close(self) -> None:
+        await self.models.close()
+        await self.store.close()
+
+    async def readiness(self) -> tuple[bool, list[str], dict[str, Any]]:
+        """(ready, reasons it is not, embedding info): a model is loaded and warm, the
+        store answers within its timeout, and its active version fits the model."""
+        reasons: list[str] = []
+        emb: dict[str, Any] = {"version": None, "compatible": False, "problems": []}
+        slot = self.models.current
+        if slot is None:
+            reasons.append("no model is loaded")
+        timeout = self.settings.store.timeout_ms / 1e3
+        try:
+            if not await asyncio.wait_for(self.store.ping(), timeout):
+                raise ConnectionError("ping failed")
+            vm = await asyncio.wait_for(self.store.manifest(), timeout)
+        except Exception as exc:  # any store failure means not ready, with the reason
+            log.debug("store check failed: %s", exc)
+            reasons.append(f"the feature store does not answer ({type(exc).__name__})")
+            return False, reasons, emb
+        emb["version"] = vm.version
+        emb["built_by"] = {"name": vm.model_name, "version": vm.model_version,
+                           "item_tower_sha256": vm.item_tower_sha256}  # fmt: skip
+        if slot is not None:
+            problems = slot.problems(vm)
+            emb["compatible"], emb["problems"] = not problems, problems
+            reasons += problems
+        return not reasons, reasons, emb
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.model_validate({})
+    logging.getLogger("service").setLevel(settings.log_level.upper())
+    metrics = Metrics()  # one registry per app (tests run several apps in one process)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await Services.start(settings, metrics)
+        app.state.services = services
+        log.info("mmrank service ready to accept requests")
+        try:
+            yield
+        finally:
+            await services.close()
+
+    docs = settings.api.docs
+    app = FastAPI(
+        title="mmrank",
+        summary="Ranking inference for multimodal CVR models",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    errors.install(app, settings.api.retry_after_s)
+    from service.routes import router
+
+    app.include_router(router)
+    app.add_middleware(HttpMiddleware, api=settings.api, metrics=metrics)
+    return app

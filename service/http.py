@@ -1,0 +1,154 @@
+"""HTTP plumbing below the routes: the ASGI middleware (body limit, request id, outcome
+metrics), authentication, the deadline header and the client-disconnect watch.
+
+FastAPI does not cap request bodies: :class:`HttpMiddleware` reads the body first, up to
+``api.max_body_bytes`` (a larger ``Content-Length`` is refused before anything is read),
+answers 413 in the common error schema past it, and replays the body to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import (
+    BodyTooLarge,
+    ClientGone,
+    Forbidden,
+    InvalidInput,
+    Unauthenticated,
+    error_response,
+)
+from service.metrics import Metrics
+from service.ranking import Deadline
+from service.settings import ApiSettings
+
+T = TypeVar("T")
+RANK_PATH = "/v1/rank"
+
+
+class HttpMiddleware:
+    def __init__(self, app: ASGIApp, api: ApiSettings, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = api.max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or None
+        state = scope.setdefault("state", {})
+        state["started"], state["request_id"] = started, rid
+        ranking = scope["path"] == RANK_PATH
+        status = [0]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        body = bytearray()
+        too_large = declared > self.limit
+        more = not too_large and scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > self.limit
+            if too_large:
+                break
+        if too_large:
+            err = BodyTooLarge(f"the request body is larger than {self.limit} bytes")
+            await error_response(err, rid)(scope, receive, send_wrapper)
+        else:
+            replayed = [False]
+
+            async def replay() -> Message:
+                if not replayed[0]:
+                    replayed[0] = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()  # after the body: waits for http.disconnect
+
+            await self.app(scope, replay, send_wrapper)
+        if ranking:
+            code = status[0] or 499  # nothing sent: the client left
+            self.metrics.outcome(code)
+            if code == 200:
+                self.metrics.latency.observe(time.monotonic() - started)
+
+
+def _presented(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return None
+
+
+def check_key(request: Request, keys: list[SecretStr], what: str) -> None:
+    """Unauthenticated (401) without a key, Forbidden (403) with a wrong one; ``keys``
+    empty means open (the caller decides whether that is allowed)."""
+    got = _presented(request)
+    if got is None:
+        raise Unauthenticated(f"{what} needs an API key (x-api-key or Authorization: Bearer)")
+    if not any(hmac.compare_digest(got.encode(), k.get_secret_value().encode()) for k in keys):
+        raise Forbidden("the API key is not accepted here")
+
+
+def deadline_of(request: Request, api: ApiSettings) -> Deadline:
+    """The request's deadline: its header (ms, relative to arrival), capped, else the
+    default; counted from when the middleware saw the request."""
+    raw = request.headers.get(api.deadline_header)
+    ms = api.default_deadline_ms
+    if raw is not None:
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = float("nan")
+        if not ms > 0:  # also NaN
+            raise InvalidInput(f"{api.deadline_header} must be a positive number of ms")
+        ms = min(ms, api.max_deadline_ms)
+    started = getattr(request.state, "started", time.monotonic())
+    return Deadline(started + ms / 1e3)
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (a queued job is then
+    skipped by the batcher) and raise ClientGone."""
+    task: asyncio.Task[T] = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not gone.done():
+            gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone("the client disconnected")
+    return task.result()
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,124 @@
+"""The HTTP routes (DESIGN section 5). Thin: fetch the services built by the lifespan,
+call them, return; errors are raised and mapped in :mod:`service.errors`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.app import Services
+from service.errors import Forbidden, NotFound, Unavailable
+from service.http import check_key, deadline_of, until_disconnect
+from service.schemas import RankRequest, RankResponse, SwapRequest
+
+router = APIRouter()
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def ranking_auth(request: Request, svc: ServicesDep) -> None:
+    keys = svc.settings.api.api_keys
+    if keys:
+        check_key(request, keys, "/v1/rank")
+
+
+def admin_auth(request: Request, svc: ServicesDep) -> None:
+    keys = svc.settings.api.admin_api_keys
+    if not keys:
+        raise Forbidden("the admin API is disabled (no admin keys are configured)")
+    check_key(request, keys, "the admin API")
+
+
+@router.post(
+    "/v1/rank",
+    dependencies=[Depends(ranking_auth)],
+    response_model=RankResponse,
+    responses={
+        k: {"description": d}
+        for k, d in (
+            (401, "no API key"),
+            (403, "wrong API key"),
+            (413, "body too large"),
+            (422, "invalid input"),
+            (429, "overloaded; Retry-After"),
+            (
+                503,
+                "feature store or backend unavailable, or model and embeddings do not belong "
+                "together; Retry-After",
+            ),
+            (504, "deadline exceeded"),
+        )
+    },
+)
+async def rank(body: RankRequest, request: Request, svc: ServicesDep) -> Response:
+    """Rank ``candidates`` for ``user_id``; the deadline header bounds the whole call."""
+    deadline = deadline_of(request, svc.settings.api)
+    work = svc.ranking.rank(body, deadline, request.state.started)
+    return Response(await until_disconnect(request, work), media_type="application/json")
+
+
+@router.get("/v1/models")
+async def models(svc: ServicesDep) -> dict[str, Any]:
+    """The loaded model (signature, versions, backend) and its fit with the embeddings."""
+    ready, reasons, emb = await svc.readiness()
+    slot = svc.models.current
+    return {
+        "models": [slot.describe()] if slot else [],
+        "embeddings": emb,
+        "ready": ready,
+        "not_ready_reasons": reasons,
+        "last_swap_error": svc.models.last_swap_error,
+    }
+
+
+@router.post("/v1/admin/models", dependencies=[Depends(admin_auth)])
+async def swap_model(body: SwapRequest, svc: ServicesDep) -> dict[str, Any]:
+    """Load, verify, warm and swap in the model repository at ``repo``; on any failure
+    the current model keeps serving (409 / 422 with the reason)."""
+    root = Path(body.repo)
+    if not root.is_dir():
+        raise NotFound(f"no model repository at {body.repo}")
+    try:
+        active = await svc.store.manifest()
+    except Exception:  # the check below refuses the swap with this reason
+        active = None
+    new, old = await svc.models.swap(root, active, body.require_compatible)
+    return {
+        "swapped": True,
+        "model": new.describe(),
+        "previous": old.manifest.version if old else None,
+    }
+
+
+@router.get("/v2/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def ready(svc: ServicesDep) -> JSONResponse:
+    ok, reasons, _ = await svc.readiness()
+    if not ok:
+        err = Unavailable(
+            "not ready: " + "; ".join(reasons), retry_after=svc.settings.api.retry_after_s
+        )
+        return JSONResponse({"ready": False, "reasons": reasons}, status_code=err.status,
+                            headers={"Retry-After": str(err.retry_after)})  # fmt: skip
+    return JSONResponse({"ready": True})
+
+
+@router.get("/metrics")
+async def metrics(svc: ServicesDep) -> Response:
+    if not svc.settings.api.metrics:
+        raise NotFound("metrics are disabled")
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

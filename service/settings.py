@@ -1,0 +1,196 @@
+"""The service's one settings object (pydantic-settings).
+
+Every value comes from here: constructor arguments (tests, ``mmrank serve`` flags), else
+``MMRANK_*`` environment variables (nested groups with ``__``: ``MMRANK_STORE__URL``,
+``MMRANK_BATCHING__MAX_DELAY_MS``), else the defaults below. Nothing else in the
+service reads the environment. Values are validated at start-up; a bad value stops the
+service before it binds a port.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BackendSettings(BaseModel):
+    """Which engine scores the ranker batches (DESIGN section 6)."""
+
+    kind: Literal["onnxruntime", "triton", "torch"] = Field(
+        default="onnxruntime",
+        description="onnxruntime: in process, the default; triton: a Triton server over "
+        "gRPC (the repository must be the one Triton serves); torch: the PyTorch reference "
+        "(needs the training extra; for comparisons, not for production)",
+    )
+    device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        default="auto",
+        description="ONNX Runtime execution provider: auto = TensorRT, else CUDA, else CPU, "
+        "whichever this onnxruntime build has; cpu forces the CPU provider",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="batches scored at the same time (worker threads sharing one session); "
+        "on CPU, workers x threads should not exceed the cores left to the event loop",
+    )
+    threads: int = Field(
+        default=1, ge=1, le=64, description="ONNX Runtime intra-op threads per inference call"
+    )
+    optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        default="extended",
+        description="ONNX Runtime graph optimisation level (model_export.repository)",
+    )
+    triton_url: str = Field(default="localhost:8001", description="Triton gRPC endpoint host:port")
+    triton_model: str = Field(default="ranker", description="the ranker's model name on Triton")
+    timeout_ms: float = Field(
+        default=5000.0, gt=0, description="longest one inference call may take before it is failed"
+    )
+
+
+class StoreSettings(BaseModel):
+    """Where item embeddings and user features come from (DESIGN section 4)."""
+
+    kind: Literal["embedded", "redis", "cluster"] = Field(
+        default="embedded",
+        description="embedded: one local file (mmrank load --embedded); redis: one node; "
+        "cluster: Redis Cluster (url names any node)",
+    )
+    path: Path | None = Field(default=None, description="the embedded store's file (kind=embedded)")
+    url: str = Field(
+        default="redis://localhost:6379/0", description="Redis URL (kind=redis|cluster)"
+    )
+    namespace: str = Field(default="mmrank", description="key prefix, shared with mmrank load")
+    pool_size: int = Field(
+        default=32,
+        ge=1,
+        description="Redis connections (per node on a cluster); ~ concurrent reads",
+    )
+    socket_timeout_ms: float = Field(
+        default=250.0,
+        gt=0,
+        description="per Redis command; a slow Redis fails the read, not the service",
+    )
+    connect_timeout_ms: float = Field(default=500.0, gt=0, description="per new Redis connection")
+    retries: int = Field(default=1, ge=0, description="retries after a connection error or timeout")
+    cache_items: int = Field(
+        default=100_000, ge=0, description="item records cached in process per embedding version"
+    )
+    pointer_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long the current-version pointer is reused before re-reading",
+    )
+    timeout_ms: float = Field(
+        default=300.0,
+        gt=0,
+        description="budget of one request's feature read (all round trips); past it the "
+        "request gets 503 or, with degraded=input_order, a degraded ranking",
+    )
+
+
+class BatchingSettings(BaseModel):
+    """The cross-request batcher (service.batcher)."""
+
+    max_batch_rows: int = Field(
+        default=1024,
+        ge=1,
+        description="candidate rows per inference call; larger requests are split",
+    )
+    max_delay_ms: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long a free worker waits for more rows before scoring a partial "
+        "batch; adds up to this much latency at low load, none at saturation",
+    )
+    queue_limit: int = Field(
+        default=64,
+        ge=1,
+        description="requests waiting for inference; one more is refused at once with 429",
+    )
+    hist_buckets: list[int] = Field(
+        default_factory=lambda: [8, 16, 32, 50],
+        description="history lengths the batch's history axis is padded to (the smallest "
+        "one that fits the longest history); each is warmed before the service is ready",
+    )
+    max_hist: int = Field(
+        default=50, ge=0, description="history items read per user (the model's own limit caps it)"
+    )
+
+    @model_validator(mode="after")
+    def _buckets(self) -> BatchingSettings:
+        b = sorted(set(self.hist_buckets))
+        if not b or b[0] < 1:
+            raise ValueError("hist_buckets must hold positive lengths")
+        if b[-1] < self.max_hist:
+            b.append(self.max_hist)
+        self.hist_buckets = b
+        return self
+
+
+class ApiSettings(BaseModel):
+    """The HTTP surface (DESIGN section 5)."""
+
+    max_candidates: int = Field(default=1000, ge=1, description="candidates per request, at most")
+    max_id_length: int = Field(
+        default=128, ge=1, description="longest item / user id, in characters"
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="request body limit; larger bodies get 413"
+    )
+    default_deadline_ms: float = Field(
+        default=1000.0, gt=0, description="deadline of a request that sends no deadline header"
+    )
+    max_deadline_ms: float = Field(
+        default=10_000.0, gt=0, description="deadline headers are capped here"
+    )
+    deadline_header: str = Field(
+        default="x-mmrank-deadline-ms", description="request header: the client's budget in ms"
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 429 and 503 answers")
+    degraded: Literal["fail", "input_order"] = Field(
+        default="fail",
+        description="when the feature store is unavailable or slow: fail = 503 + Retry-After; "
+        "input_order = 200 with the candidates in the order sent, no scores, "
+        "degraded=true and the reason",
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys accepted on /v1/rank (header x-api-key or Authorization: Bearer); "
+        "empty = no authentication on the ranking API",
+    )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys accepted on /v1/admin/*; empty = the admin API is disabled (403)",
+    )
+    docs: bool = Field(default=False, description="serve /docs and /openapi.json")
+    metrics: bool = Field(default=True, description="serve /metrics (Prometheus)")
+
+
+class Settings(BaseSettings):
+    """Everything the service needs; see the groups for each value's trade-off."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MMRANK_", env_nested_delimiter="__", extra="forbid", frozen=False
+    )
+
+    repo: Path = Field(
+        default=Path("model_repository"), description="the model repository to serve"
+    )
+    golden_check: bool = Field(
+        default=True, description="run each graph's golden batch when a repository is opened"
+    )
+    backend: BackendSettings = Field(default_factory=lambda: BackendSettings())
+    store: StoreSettings = Field(default_factory=lambda: StoreSettings())
+    batching: BatchingSettings = Field(default_factory=lambda: BatchingSettings())
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    log_level: str = Field(default="INFO", description="logging level of the service's loggers")
+
+    @model_validator(mode="after")
+    def _store(self) -> Settings:
+        if self.store.kind == "embedded" and self.store.path is None:
+            raise ValueError("store.kind=embedded needs store.path (MMRANK_STORE__PATH)")
+        return self
