@@ -30,7 +30,9 @@ exported model until interrupted.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -42,6 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +55,16 @@ BASE_PYTHON = "/usr/bin/python3.11"
 # numpy < 2: pytriton's pin; onnxruntime runs the exported graph inside the stub
 PACKAGES = ("nvidia-pytriton", "onnxruntime", "numpy<2")
 STAMP = ".mmrank-triton-ready"
+
+
+_LIVE: weakref.WeakSet[LocalTriton] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live() -> None:
+    """Servers still running when the interpreter exits (a crashed script) are stopped."""
+    for server in list(_LIVE):
+        server.stop()
 
 
 class TritonSetupError(RuntimeError):
@@ -101,6 +114,16 @@ def ensure_triton(venv: Path = DEFAULT_VENV, python: str = BASE_PYTHON) -> Trito
         return inst
     if not Path(python).is_file():
         raise TritonSetupError(f"{python} is missing (the Triton venv needs Debian's Python 3.11)")
+    venv.mkdir(parents=True, exist_ok=True)
+    with (venv / ".build.lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # one builder at a time (parallel test runs)
+        if (venv / STAMP).is_file() and inst.server.is_file():
+            return inst  # built by the process we waited for
+        return _build(inst, python)
+
+
+def _build(inst: TritonInstall, python: str) -> TritonInstall:
+    venv = inst.venv
     if not (venv / "bin" / "python").is_file():
         _run([python, "-m", "venv", str(venv)], f"{python} -m venv {venv}", 120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
@@ -151,6 +174,8 @@ class LocalTriton:
         self.log_path = self.dir / "tritonserver.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._shm_prefix = ""
+        self._reaped = False
+        _LIVE.add(self)
         self.start()
 
     @property
@@ -197,6 +222,7 @@ class LocalTriton:
         if self.running:
             return
         self._shm_prefix = f"mmrank_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._reaped = False
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self._command(self._shm_prefix),
@@ -246,15 +272,17 @@ class LocalTriton:
                 os.killpg(self.proc.pid, sig)  # the group this object started
 
     def _reap(self) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.proc.wait()
-            # stubs that outlived a SIGKILLed server, then their shared memory
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is None or self._reaped:
+            return  # never signal a group id twice: it may belong to someone else by now
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait()
+        # stubs that outlived a SIGKILLed server (same group), then their shared memory
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._reaped = True
         if self._shm_prefix:
             for f in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
                 f.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ from service.tensors import pad_history
 if TYPE_CHECKING:
     from model_export.repository import ModelRepository
     from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # what the ranker graph takes (DESIGN section 3); inputs are converted to these
 INPUT_DTYPES: dict[str, np.dtype] = {
@@ -80,8 +83,13 @@ CHANNEL_ARGS: list[tuple[str, Any]] = [
 ]
 
 
-class _Unreachable(BackendUnavailable):
-    """The server could not be reached: safe to retry on a fresh channel."""
+class _NoAnswer(BackendUnavailable):
+    """The connection may be dead (deadline passed, call cancelled): replace the
+    channel before the next call. Raised to callers as a plain BackendUnavailable."""
+
+
+class _Unreachable(_NoAnswer):
+    """The server could not be reached: replace the channel and retry on it."""
 
 
 def classify(exc: InferenceServerException, model: str) -> BackendError:
@@ -99,7 +107,7 @@ def classify(exc: InferenceServerException, model: str) -> BackendError:
     if status.endswith("UNAVAILABLE"):
         return _Unreachable(text)  # transport: refused, reset, closed
     if status.endswith(("DEADLINE_EXCEEDED", "CANCELLED")):
-        return BackendUnavailable(text)
+        return _NoAnswer(text)
     return BackendError(text)
 
 
@@ -140,7 +148,7 @@ class TritonBackend(Backend):
             self._client_born = time.monotonic()
         return self._client
 
-    def _replace(self, failed: triton_grpc.InferenceServerClient) -> None:
+    def _replace(self, failed: triton_grpc.InferenceServerClient, why: BackendError) -> None:
         """Drop ``failed`` if it is still the live client and old enough; its channel is
         closed in the background once its in-flight calls had their full deadline."""
         if self._client is not failed:
@@ -149,6 +157,7 @@ class TritonBackend(Backend):
             return
         self._client = None
         self.reconnects += 1
+        log.warning("Triton %s: new gRPC channel to %s after: %s", self.model, self.url, why)
         task = asyncio.get_running_loop().create_task(self._close_later(failed))
         self._retired[task] = failed
         task.add_done_callback(self._retired.pop)
@@ -199,13 +208,12 @@ class TritonBackend(Backend):
                 err = classify(exc, self.model)
             except grpc.aio.UsageError as exc:  # a channel closed under this call
                 err = _Unreachable(f"Triton ({self.model}): channel closed: {exc}")
-            if isinstance(err, BackendUnavailable):
-                self._replace(client)
-            if isinstance(err, _Unreachable) and attempt < self.retries:
-                attempt += 1
-                continue
-            if isinstance(err, _Unreachable):
-                err = BackendUnavailable(str(err))  # the retry marker stays inside
+            if isinstance(err, _NoAnswer):
+                self._replace(client, err)
+                if isinstance(err, _Unreachable) and attempt < self.retries:
+                    attempt += 1
+                    continue
+                err = BackendUnavailable(str(err))  # the markers stay inside this module
             raise err from None
         cvr = result.as_numpy(OUTPUT)
         if cvr is None or cvr.shape != (b,):
@@ -223,8 +231,9 @@ class TritonBackend(Backend):
             )
         except InferenceServerException as exc:
             err = classify(exc, self.model)
-            if isinstance(err, BackendUnavailable):
-                self._replace(client)
+            if isinstance(err, _NoAnswer):
+                self._replace(client, err)
+                err = BackendUnavailable(str(err))
             raise err from None
         got = {t["name"]: t["datatype"] for t in meta.get("inputs", [])}
         want = {n: np_to_triton_dtype(d) for n, d in INPUT_DTYPES.items()}
@@ -249,8 +258,10 @@ class TritonBackend(Backend):
             return bool(
                 await client.is_model_ready(self.model, client_timeout=self.ready_timeout_s)
             )
-        except InferenceServerException:
-            self._replace(client)
+        except InferenceServerException as exc:
+            err = classify(exc, self.model)
+            if isinstance(err, _NoAnswer):
+                self._replace(client, err)
             return False
         except grpc.aio.UsageError:
             return False
