@@ -93,6 +93,16 @@ def build_world(root: Path, world: Path) -> World:
     return World(root, world, repo_a, repo_b, repo_other, e, data, store_file)
 
 
+_WORLD: list[World] = []
+
+
+def shared_world(root: Path, world: Path) -> World:
+    """:func:`build_world` once per test session (every module shares it)."""
+    if not _WORLD:
+        _WORLD.append(build_world(root, world))
+    return _WORLD[0]
+
+
 def history_of(w: World, user: str) -> list[str]:
     from feature_store.codec import decode_user
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from svc_app import running, settings
-from svc_fixtures import World, build_world, direct_feeds
+from svc_fixtures import World, direct_feeds, shared_world
 
 from model_export.repository import open_repository
 
 
 @pytest.fixture(scope="session")
 def w(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> World:
-    return build_world(tmp_path_factory.mktemp("svc"), tiny_world)
+    return shared_world(tmp_path_factory.mktemp("svc"), tiny_world)
 
 
 def test_scores_equal_the_exported_model(w: World) -> None:
