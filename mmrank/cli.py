@@ -60,26 +60,103 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Until the service exists: world -> CameNN (candidate-isolated) -> evaluation."""
+    """From nothing to a serving stack: world -> CameNN (candidate-isolated) ->
+    evaluation -> export -> embed -> load (embedded store, or Redis with --redis) ->
+    serve, with an example request printed before the service starts."""
     from data.world import WorldConfig, write_world
+    from feature_store.catalogs import resolve
+    from feature_store.embed import build_version, embed_catalog
+    from model_export.export import export_run
+    from model_export.repository import open_repository
     from training.evaluate import evaluate_run
     from training.loop import TrainSettings
     from training.train import train_run
 
     out = Path(args.out)
-    log.info("[1/3] synthetic world -> %s", out / "world")
+    steps = 7 if args.serve else 6
+    log.info("[1/%d] synthetic world -> %s", steps, out / "world")
     write_world(WorldConfig(seed=args.seed), out / "world")
-    log.info("[2/3] training CameNN (candidate-isolated)")
+    log.info("[2/%d] training CameNN (candidate-isolated)", steps)
     # the demo model's budget is 5 minutes on 2 cores: stop after the epoch that passes 3.5
     settings = TrainSettings(seed=args.seed, progress=not args.quiet, threads=args.threads,
                              max_minutes=args.max_minutes)  # fmt: skip
     train_run(
         "camenn", str(out / "world"), out / "run", settings, {"attention": "candidate-isolated"}
     )
-    log.info("[3/3] evaluating against the oracle%s", " and LR/DIN/BST" if args.baselines else "")
+    log.info("[3/%d] evaluating against the oracle%s", steps,
+             " and LR/DIN/BST" if args.baselines else "")  # fmt: skip
     m = evaluate_run(out / "run", baselines=args.baselines, progress=not args.quiet)
     log.info("\n%s", (out / "run" / "report.md").read_text())
     log.info("test AUC %.4f vs oracle %.4f", m["test_auc"], m["oracle_auc"])
+    log.info("[4/%d] exporting to ONNX -> %s", steps, out / "repo")
+    export_run(out / "run", out / "repo", force=True)
+    repo = open_repository(out / "repo")
+    log.info("[5/%d] embedding the catalog with the exported item tower", steps)
+    _, cat, users = resolve(f"world:{out / 'world'}")
+    e = embed_catalog(repo, cat, threads=args.threads)
+    data = build_version(e, users)
+    if args.redis:
+        from feature_store.loader import connect_sync, load_version
+
+        log.info("[6/%d] loading version %s into %s", steps, data.manifest.version, args.redis)
+        client = connect_sync(args.redis, False)
+        try:
+            load_version(client, data, "mmrank", grace_s=300.0)
+        finally:
+            client.close()
+    else:
+        from feature_store.embedded import write_embedded
+
+        log.info("[6/%d] writing version %s to the embedded store %s", steps,
+                 data.manifest.version, out / "store.npz")  # fmt: skip
+        write_embedded(out / "store.npz", data)
+    example = {"user_id": data.user_ids[0], "candidates": data.item_ids[:5], "top_k": 3}
+    curl = (f"curl -s -X POST http://{args.host}:{args.port}/v1/rank -H 'content-type: "
+            f"application/json' -d '{json.dumps(example)}'")  # fmt: skip
+    (out / "example_request.sh").write_text(curl + "\n")
+    if not args.serve:
+        sys.stdout.write(f"stack ready in {out}; serve it with:\n  {_serve_cmd(args, out)}\n"
+                         f"then try:\n  {curl}\n")  # fmt: skip
+        return 0
+    log.info("[7/%d] serving on http://%s:%d (Ctrl-C stops)", steps, args.host, args.port)
+    sys.stdout.write(f"\ntry, once it reports ready:\n  {curl}\n\n")
+    sys.stdout.flush()
+    args.repo, args.embedded, args.cluster = str(out / "repo"), None, False
+    if not args.redis:
+        args.embedded = str(out / "store.npz")
+    return _serve(args)
+
+
+def _serve_cmd(args: argparse.Namespace, out: Path) -> str:
+    store = f"--redis {args.redis}" if args.redis else f"--embedded {out / 'store.npz'}"
+    return f"mmrank serve --repo {out / 'repo'} {store} --port {args.port}"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {"repo": args.repo}
+    if args.embedded:
+        overrides["store"] = {"kind": "embedded", "path": args.embedded}
+    elif args.redis:
+        overrides["store"] = {"kind": "cluster" if args.cluster else "redis", "url": args.redis}
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=False)  # fmt: skip
+    return 0
+
+
+def _bench_service(args: argparse.Namespace) -> int:
+    from service.bench import render, run_bench
+
+    res = run_bench(args)
+    sys.stdout.write(render(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
 
 
@@ -386,10 +463,42 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--quiet", action="store_true")
     bs.set_defaults(func=_bench_store)
 
-    d = sub.add_parser("demo", help="the end-to-end demo")
+    def serve_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--redis", help="redis://host:port/db (default: MMRANK_STORE__* settings)")
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, default=8000)
+        sp.add_argument("--log-level", default="info", help="uvicorn log level")
+
+    sv = sub.add_parser("serve", help="the ranking service (settings also from MMRANK_* env)")
+    sv.add_argument("--repo", required=True, help="model repository (mmrank export)")
+    sv.add_argument("--embedded", help="serve from this embedded store file instead of Redis")
+    sv.add_argument("--cluster", action="store_true", help="--redis names a Redis Cluster node")
+    serve_flags(sv)
+    sv.set_defaults(func=_serve)
+
+    bsv = sub.add_parser("bench-service", help="end to end vs model only, one run (CPU)")
+    bsv.add_argument("--repo", help="model repository (default: build a demo-sized CameNN)")
+    bsv.add_argument("--store", help="embedded store file of --repo's embeddings")
+    bsv.add_argument("--work", help="directory for the built stack (default: a temp dir)")
+    bsv.add_argument("--items", type=int, default=1500)
+    bsv.add_argument("--users", type=int, default=1500)
+    bsv.add_argument("--k", type=int, default=500, help="candidates per request")
+    bsv.add_argument("--n", type=int, default=50, help="history items per request, at most")
+    bsv.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    bsv.add_argument("--concurrency", type=int, default=8, help="connections at saturation")
+    bsv.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    bsv.add_argument("--server-cpus", help="taskset CPU list for the server, e.g. 1")
+    bsv.add_argument("--client-cpus", help="CPU list for the load generator and model-only run")
+    bsv.add_argument("--json", help="also write the results as JSON here")
+    bsv.set_defaults(func=_bench_service)
+
+    d = sub.add_parser("demo", help="world -> model -> export -> embed -> load -> serve")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--baselines", action="store_true", help="also train LR, DIN and BST")
     d.add_argument("--max-minutes", type=float, default=3.5, help="training time cap")
+    d.add_argument("--no-serve", dest="serve", action="store_false",
+                   help="build the stack, print the serve command and the example, exit")  # fmt: skip
+    serve_flags(d)
     training_flags(d)
     d.set_defaults(func=_demo)
     return p

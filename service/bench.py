@@ -1,0 +1,287 @@
+"""``mmrank bench-service``: the service against the model alone, in one run (DESIGN
+section 10, the ceiling half): same requests, same ONNX Runtime threads.
+
+1. A CameNN of the demo's size (d = 64, 8 heads, ``candidate-isolated``; random weights:
+   speed does not depend on training) is exported, the world's catalog embedded by its
+   item tower and written to the embedded store (or ``--repo``/``--store`` given).
+2. Model only: each request's tensors (U = 1, its N history items, K candidates) run
+   through one ONNX Runtime session, one after another on one thread: throughput and
+   per-request p50.
+3. End to end: ``mmrank serve`` in a subprocess (optionally pinned with ``taskset``), a
+   light asyncio HTTP/1.1 keep-alive load generator in this process (optionally pinned
+   apart): closed loop with ``--concurrency`` connections for saturation throughput,
+   then an open loop (Poisson arrivals) at half that rate for p50.
+
+Imports torch only to build the model when no ``--repo`` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_store.codec import decode_user
+from feature_store.embedded import _read
+from model_export.repository import open_repository
+
+
+def build_stack(out: Path, items: int, users: int, seed: int = 0) -> tuple[Path, Path]:
+    """(model repository, embedded store file) of a demo-sized CameNN on a world."""
+    import torch
+
+    from data.world import ITEM_FIELDS, USER_FIELDS, WorldConfig, write_world
+    from feature_store.catalogs import resolve
+    from feature_store.embed import build_version, embed_catalog
+    from feature_store.embedded import write_embedded
+    from model_export.export import export_run
+    from models.camenn import CameNN, CameNNConfig
+    from training.runs import save_run
+
+    world = out / "world"
+    if not (world / "interactions.parquet").is_file():
+        write_world(WorldConfig(seed=seed, n_users=users, n_items=items), world)
+    torch.manual_seed(seed)
+    cfg = CameNNConfig(user_buckets=[f.buckets for f in USER_FIELDS],
+                       item_buckets=[f.buckets for f in ITEM_FIELDS],
+                       attention="candidate-isolated")  # fmt: skip
+    model = CameNN(cfg).eval()
+    save_run(out / "run", "camenn", model, cfg, {"data": "bench-world"})
+    repo = out / "repo"
+    export_run(out / "run", repo, force=True)
+    _, cat, us = resolve(f"world:{world}")
+    e = embed_catalog(open_repository(repo), cat, threads=2)
+    store = out / "store.npz"
+    write_embedded(store, build_version(e, us, "bench"))
+    return repo, store
+
+
+@dataclass
+class Request:
+    user: str
+    cands: list[str]
+    body: bytes
+    feeds: dict[str, np.ndarray]
+
+
+def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
+                  seed: int = 0) -> list[Request]:  # fmt: skip
+    """``count`` requests of users with the longest histories (cut to ``n``), ``k``
+    random candidates each, with the model-only tensors of each."""
+    t = _read(store)
+    m = open_repository(repo, golden=False).manifest
+    ids = list(t.items)
+    rec = np.frombuffer(b"".join(t.items[i] for i in ids), dtype=t.manifest.dtype())
+    pos = {i: j for j, i in enumerate(ids)}
+    users = []
+    for u, raw in t.users.items():
+        fields, hist = decode_user(raw, len(m.user_fields))
+        users.append((len(hist), u, fields, hist[:n]))
+    users.sort(key=lambda x: -x[0])
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(count):
+        _, u, fields, hist = users[r % max(1, min(len(users), 200))]
+        c = [ids[j] for j in rng.choice(len(ids), size=min(k, len(ids)), replace=False)]
+        h = [pos[i] for i in hist]
+        cj = [pos[i] for i in c]
+        feeds = {
+            "user_sparse": fields[None].astype(np.int64),
+            "hist_emb": rec["emb"][h].astype(np.float32)[None],
+            "hist_sparse": rec["sparse"][h].astype(np.int64)[None],
+            "hist_mask": np.ones((1, len(h)), bool),
+            "cand_emb": rec["emb"][cj].astype(np.float32),
+            "cand_sparse": rec["sparse"][cj].astype(np.int64),
+            "cand_user": np.zeros(len(cj), np.int64),
+        }
+        body = json.dumps({"user_id": u, "candidates": c}).encode()
+        out.append(Request(u, c, body, feeds))
+    return out
+
+
+def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float) -> dict[str, float]:
+    sess = open_repository(repo, golden=False).session("ranker", threads=threads)
+    for r in reqs[:5]:
+        sess.run(["cvr"], r.feeds)
+    lat = []
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds or i < 20:
+        a = time.perf_counter()
+        sess.run(["cvr"], reqs[i % len(reqs)].feeds)
+        lat.append(time.perf_counter() - a)
+        i += 1
+    total = time.perf_counter() - t0
+    return {"throughput_rps": i / total, "p50_ms": 1e3 * statistics.median(lat), "requests": i}
+
+
+class Conn:
+    """One HTTP/1.1 keep-alive connection; ``post`` returns (status, seconds)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.r: asyncio.StreamReader | None = None
+        self.w: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> tuple[int, float]:
+        if self.w is None:
+            self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        assert self.r is not None
+        head = (f"POST /v1/rank HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        t0 = time.perf_counter()
+        self.w.write(head + body)
+        raw = await self.r.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length"))
+        await self.r.readexactly(length)
+        return status, time.perf_counter() - t0
+
+
+async def closed_loop(host: str, port: int, reqs: list[Request], conc: int,
+                      seconds: float) -> dict[str, float]:  # fmt: skip
+    conns = [Conn(host, port) for _ in range(conc)]
+    for c in conns:  # warm the connections and the server
+        await c.post(reqs[0].body)
+    lat: list[float] = []
+    bad = 0
+    stop = time.perf_counter() + seconds
+    counter = [0]
+
+    async def run(c: Conn) -> None:
+        nonlocal bad
+        while time.perf_counter() < stop:
+            i = counter[0]
+            counter[0] += 1
+            st, s = await c.post(reqs[i % len(reqs)].body)
+            lat.append(s)
+            bad += st != 200
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run(c) for c in conns))
+    total = time.perf_counter() - t0
+    return {"throughput_rps": len(lat) / total, "p50_ms": 1e3 * statistics.median(lat),
+            "requests": len(lat), "errors": bad}  # fmt: skip
+
+
+async def open_loop(host: str, port: int, reqs: list[Request], rate: float,
+                    seconds: float, seed: int = 1) -> dict[str, float]:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    free = [Conn(host, port) for _ in range(32)]
+    for c in free[:4]:
+        await c.post(reqs[0].body)
+    lat: list[float] = []
+    bad = 0
+    tasks = []
+
+    async def one(i: int) -> None:
+        nonlocal bad
+        c = free.pop() if free else Conn(host, port)
+        st, s = await c.post(reqs[i % len(reqs)].body)
+        free.append(c)
+        lat.append(s)
+        bad += st != 200
+
+    t0 = time.perf_counter()
+    nxt = t0
+    i = 0
+    while nxt - t0 < seconds:
+        nxt += rng.exponential(1 / rate)
+        await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(i)))
+        i += 1
+    await asyncio.gather(*tasks)
+    return {"rate_rps": rate, "p50_ms": 1e3 * statistics.median(lat),
+            "p95_ms": 1e3 * float(np.percentile(lat, 95)), "requests": len(lat),
+            "errors": bad}  # fmt: skip
+
+
+def _pin(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+def run_bench(args: Any) -> dict[str, Any]:
+    work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
+    if args.repo:
+        repo, store = Path(args.repo), Path(args.store)
+    else:
+        repo, store = build_stack(work, args.items, args.users)
+    reqs = make_requests(repo, store, args.k, args.n, 200)
+    n_real = int(np.median([r.feeds["hist_mask"].shape[1] for r in reqs]))
+    if args.client_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    model = model_only(repo, reqs, args.threads, args.seconds)
+    from feature_store.local_redis import free_port
+
+    port = free_port()
+    env = {**os.environ, "MMRANK_BACKEND__THREADS": str(args.threads),
+           "MMRANK_BACKEND__WORKERS": "1", "MMRANK_BATCHING__QUEUE_LIMIT": "256",
+           "MMRANK_API__DEFAULT_DEADLINE_MS": "10000"}  # fmt: skip
+    cmd = [*_pin(args.server_cpus), sys.executable, "-m", "mmrank.cli", "serve", "--repo",
+           str(repo), "--embedded", str(store), "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
+                    break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the service did not become ready") from None
+                time.sleep(0.3)
+        sat = asyncio.run(closed_loop("127.0.0.1", port, reqs, args.concurrency, args.seconds))
+        half = asyncio.run(open_loop("127.0.0.1", port, reqs, sat["throughput_rps"] / 2,
+                                     args.seconds))  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {
+        "setup": {
+            "model": "camenn candidate-isolated d=64",
+            "k": args.k,
+            "n": n_real,
+            "ort_threads": args.threads,
+            "concurrency": args.concurrency,
+            "server_cpus": args.server_cpus,
+            "client_cpus": args.client_cpus,
+            "cores": os.cpu_count(),
+            "repo": str(repo),
+        },
+        "model_only": model,
+        "saturation": sat,
+        "half_load": half,
+        "throughput_ratio": sat["throughput_rps"] / model["throughput_rps"],
+        "p50_delta_ms": half["p50_ms"] - model["p50_ms"],
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    s, m, sat, half = res["setup"], res["model_only"], res["saturation"], res["half_load"]
+    return "\n".join([
+        f"service vs model only: CameNN candidate-isolated, K={s['k']}, N={s['n']}, ONNX Runtime "
+        f"CPU, {s['ort_threads']} thread(s); server cpus {s['server_cpus'] or 'any'}, "
+        f"load generator cpus {s['client_cpus'] or 'any'}",
+        "",
+        "| measure | model only | end to end | ratio / delta |",
+        "|---|---|---|---|",
+        f"| throughput at saturation (req/s) | {m['throughput_rps']:.1f} | "
+        f"{sat['throughput_rps']:.1f} ({sat['requests']} requests, {sat['errors']} errors, "
+        f"{s['concurrency']} connections) | {res['throughput_ratio']:.1%} (target >= 80%) |",
+        f"| p50 at half load (ms) | {m['p50_ms']:.2f} | {half['p50_ms']:.2f} (p95 "
+        f"{half['p95_ms']:.2f}, {half['rate_rps']:.1f} req/s, {half['errors']} errors) | "
+        f"{res['p50_delta_ms']:+.2f} ms (target <= +3 ms) |",
+    ]) + "\n"  # fmt: skip
