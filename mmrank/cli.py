@@ -488,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--concurrency", type=int, default=8, help="connections at saturation")
     bsv.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     bsv.add_argument("--server-cpus", help="taskset CPU list for the server, e.g. 1")
-    bsv.add_argument("--client-cpus", help="CPU list for the load generator and model-only run")
+    bsv.add_argument(
+        "--client-cpus",
+        help="CPU list for the load generator (the model-only run uses --server-cpus)",
+    )
     bsv.add_argument("--json", help="also write the results as JSON here")
     bsv.set_defaults(func=_bench_service)
 

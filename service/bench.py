@@ -95,7 +95,7 @@ def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
         c = [ids[j] for j in rng.choice(len(ids), size=min(k, len(ids)), replace=False)]
         h = [pos[i] for i in hist]
         cj = [pos[i] for i in c]
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "user_sparse": fields[None].astype(np.int64),
             "hist_emb": rec["emb"][h].astype(np.float32)[None],
             "hist_sparse": rec["sparse"][h].astype(np.int64)[None],
@@ -219,9 +219,12 @@ def run_bench(args: Any) -> dict[str, Any]:
         repo, store = build_stack(work, args.items, args.users)
     reqs = make_requests(repo, store, args.k, args.n, 200)
     n_real = int(np.median([r.feeds["hist_mask"].shape[1] for r in reqs]))
-    if args.client_cpus:
-        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    mine = os.sched_getaffinity(0)
+    if args.server_cpus:  # the model alone runs where the server will
+        os.sched_setaffinity(0, {int(c) for c in args.server_cpus.split(",")})
     model = model_only(repo, reqs, args.threads, args.seconds)
+    os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")} if args.client_cpus
+                         else mine)  # fmt: skip
     from feature_store.local_redis import free_port
 
     port = free_port()

@@ -101,10 +101,12 @@ class BatchingSettings(BaseModel):
         description="candidate rows per inference call; larger requests are split",
     )
     max_delay_ms: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0,
         description="how long a free worker waits for more rows before scoring a partial "
-        "batch; adds up to this much latency at low load, none at saturation",
+        "batch; 0 = score whatever is queued as soon as a worker is free (batches grow "
+        "with load: rows queue up while the worker is busy); > 0 adds up to this much "
+        "latency at low load for fuller batches",
     )
     queue_limit: int = Field(
         default=64,

@@ -61,7 +61,7 @@ def test_concurrent_requests_score_as_alone(w: World) -> None:
                                                    "queue_limit": 256})  # fmt: skip
 
     async def go() -> None:
-        async with running(s) as (app, c):
+        async with running(s) as (_, c):
             alone = []
             for r in reqs:
                 resp = await c.post("/v1/rank", json=r)
@@ -131,7 +131,9 @@ def test_bad_input_is_4xx_with_one_schema(w: World) -> None:
     async def go() -> None:
         async with running(s) as (_, c):
             assert (await c.post("/v1/rank", json=ok)).status_code == 401
-            assert (await c.post("/v1/rank", json=ok, headers={"x-api-key": "k2"})).status_code == 403
+            assert (
+                await c.post("/v1/rank", json=ok, headers={"x-api-key": "k2"})
+            ).status_code == 403
             auth = {"authorization": "Bearer k1"}
             assert (await c.post("/v1/rank", json=ok, headers=auth)).status_code == 200
             for b in bad:

@@ -21,6 +21,7 @@ from svc_fixtures import World, direct_feeds, shared_world
 from feature_store.loader import load_version
 from feature_store.local_redis import LocalRedis
 from model_export.repository import open_repository
+from service.settings import Settings
 
 ADMIN = {"x-api-key": "admin-key"}
 
@@ -122,7 +123,7 @@ def test_stopped_redis_503_within_deadline_then_recovers(w: World) -> None:
             s = settings(w.repo_a, redis_url=r.url, api={"degraded": policy},
                          store={"namespace": "svc", "cache_items": 0, "pointer_ttl_s": 0})  # fmt: skip
 
-            async def go(policy: str = policy) -> None:
+            async def go(policy: str = policy, s: Settings = s) -> None:
                 async with running(s) as (_, c):
                     assert (await c.post("/v1/rank", json=body)).status_code == 200
                     os.kill(r.proc.pid, signal.SIGSTOP)

@@ -1,0 +1,108 @@
+"""The batcher on a real ONNX Runtime backend (exported model a): splitting and
+merging, a failing batch reaching all its requests, skipped cancelled requests, a full
+queue refused at once. Failures are real: a malformed user row makes ONNX Runtime
+itself reject the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from svc_fixtures import World, direct_feeds, shared_world
+
+from model_export.repository import open_repository
+from service.backends.base import BackendError
+from service.backends.onnxruntime import OnnxRuntimeBackend
+from service.batcher import Batcher, Job
+from service.errors import Overloaded
+from service.metrics import Metrics
+from service.tensors import UserSide
+
+
+@pytest.fixture(scope="session")
+def w(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> World:
+    return shared_world(tmp_path_factory.mktemp("svc"), tiny_world)
+
+
+def _job(w: World, user: str, cands: list[str], bad: bool = False) -> Job:
+    f = direct_feeds(w, user, cands)
+    us = f["user_sparse"][0]
+    if bad:
+        us = us + 10**9  # hashed ids far outside every embedding table: the graph refuses them
+    side = UserSide(us, f["hist_emb"][0], f["hist_sparse"][0])
+    loop = asyncio.get_running_loop()
+    return Job(side, f["cand_emb"], f["cand_sparse"], time.monotonic() + 10, loop.create_future())
+
+
+def _batcher(w: World, metrics: Metrics, **kw: float) -> Batcher:
+    repo = open_repository(w.repo_a, golden=False)
+    opts: dict = {"max_batch_rows": 256, "max_delay_s": 0.05, "queue_limit": 8}
+    opts.update(kw)
+    return Batcher(OnnxRuntimeBackend(repo, device="cpu"), hist_buckets=[8, 16, 32, 50],
+                   workers=1, timeout_s=10, retry_after_s=1, metrics=metrics, **opts)  # fmt: skip
+
+
+def test_split_merge_and_padding(w: World) -> None:
+    sess = open_repository(w.repo_a, golden=False).session("ranker")
+    users = w.data.user_ids[:3]
+    cands = w.data.item_ids[:300]
+
+    async def go() -> None:
+        m = Metrics()
+        b = _batcher(w, m)
+        b.start()
+        jobs = [_job(w, u, cands[: 100 * (k + 1)]) for k, u in enumerate(users)]
+        got = await asyncio.gather(*(b.submit(j) for j in jobs))
+        for j, u, g in zip(jobs, users, got, strict=True):
+            want = sess.run(["cvr"], direct_feeds(w, u, cands[: j.rows]))[0]
+            np.testing.assert_allclose(g, want, atol=1e-6)
+        rows = m.batch_rows.collect()[0].samples
+        total = next(s.value for s in rows if s.name.endswith("_sum"))
+        calls = next(s.value for s in rows if s.name.endswith("_count"))
+        assert total == 600 and calls == 3  # 256 + 256 + 88: full batches, split requests
+        await b.close()
+
+    asyncio.run(go())
+
+
+def test_failure_reaches_every_request_and_cancelled_are_skipped(w: World) -> None:
+    cands = w.data.item_ids[:20]
+
+    async def go() -> None:
+        m = Metrics()
+        b = _batcher(w, m, max_delay_s=0.2)
+        b.start()
+        gone = _job(w, w.data.user_ids[0], cands)
+        b.submit(gone)
+        gone.future.cancel()  # the client left before its batch closed
+        good, bad = _job(w, w.data.user_ids[1], cands), _job(w, w.data.user_ids[2], cands, True)
+        futs = [b.submit(good), b.submit(bad)]
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, BackendError) for r in res), res
+        rows = m.batch_rows.collect()[0].samples
+        assert next(s.value for s in rows if s.name.endswith("_sum")) == 40  # not 60
+        # the batcher still works after a failed batch
+        ok = await b.submit(_job(w, w.data.user_ids[1], cands))
+        assert ok.shape == (20,)
+        await b.close()
+
+    asyncio.run(go())
+
+
+def test_full_queue_refuses_at_once(w: World) -> None:
+    async def go() -> None:
+        b = _batcher(w, Metrics(), queue_limit=2, max_delay_s=0.3, max_batch_rows=10_000)
+        b.start()
+        cands = w.data.item_ids[:5]
+        held = [b.submit(_job(w, w.data.user_ids[k], cands)) for k in range(2)]
+        with pytest.raises(Overloaded) as e:
+            b.submit(_job(w, w.data.user_ids[3], cands))
+        assert e.value.retry_after == 1
+        await asyncio.gather(*held)
+        assert await b.drain(1.0)
+        await b.close()
+
+    asyncio.run(go())
