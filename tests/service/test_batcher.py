@@ -59,7 +59,7 @@ def test_split_merge_and_padding(w: World) -> None:
         for j, u, g in zip(jobs, users, got, strict=True):
             want = sess.run(["cvr"], direct_feeds(w, u, cands[: j.rows]))[0]
             np.testing.assert_allclose(g, want, atol=1e-6)
-        rows = list(m.batch_rows.collect())[0].samples
+        rows = next(iter(m.batch_rows.collect())).samples
         total = next(s.value for s in rows if s.name.endswith("_sum"))
         calls = next(s.value for s in rows if s.name.endswith("_count"))
         assert total == 600 and calls == 3  # 256 + 256 + 88: full batches, split requests
@@ -82,7 +82,7 @@ def test_failure_reaches_every_request_and_cancelled_are_skipped(w: World) -> No
         futs = [b.submit(good), b.submit(bad)]
         res = await asyncio.gather(*futs, return_exceptions=True)
         assert all(isinstance(r, BackendError) for r in res), res
-        rows = list(m.batch_rows.collect())[0].samples
+        rows = next(iter(m.batch_rows.collect())).samples
         assert next(s.value for s in rows if s.name.endswith("_sum")) == 40  # not 60
         # the batcher still works after a failed batch
         ok = await b.submit(_job(w, w.data.user_ids[1], cands))

@@ -57,7 +57,9 @@ def test_concurrent_requests_score_as_alone(w: World) -> None:
         {"user_id": w.data.user_ids[i % 50], "candidates": _cands(w, 20 + (i * 7) % 280, i)}
         for i in range(200)
     ]
-    s = settings(w.repo_a, w.store_file, batching={"max_batch_rows": 512, "max_delay_ms": 5,
+    # correctness, not speed: a deadline that a loaded 2-core machine cannot miss
+    s = settings(w.repo_a, w.store_file, api={"default_deadline_ms": 60_000},
+                 batching={"max_batch_rows": 512, "max_delay_ms": 5,
                                                    "queue_limit": 256})  # fmt: skip
 
     async def go() -> None:
