@@ -155,7 +155,8 @@ def free_port() -> int:
 class LocalTriton:
     """``tritonserver`` serving the Triton model repository ``repository`` on free
     ports; started on construction, ready when the constructor returns (model
-    ``model`` reports ready), stopped by :meth:`stop` or on leaving a ``with`` block."""
+    ``model`` reports ready), stopped by :meth:`stop` or on leaving a ``with`` block
+    (or at interpreter exit)."""
 
     def __init__(
         self,
@@ -164,8 +165,10 @@ class LocalTriton:
         model: str = "ranker",
         install: TritonInstall | None = None,
         start_timeout: float = 60.0,
+        exit_timeout_s: int = 5,
     ) -> None:
         self.repository = Path(repository)
+        self.exit_timeout_s = exit_timeout_s
         self.model = model
         self.install = install or ensure_triton()
         self.start_timeout = start_timeout
@@ -200,7 +203,10 @@ class LocalTriton:
             "--allow-metrics=true",
             "--pinned-memory-pool-byte-size=0",  # CPU only: no pinned host memory
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-            "--exit-timeout-secs=5",
+            # on SIGTERM: seconds Triton waits for in-flight requests and model unloads
+            # (a Python-backend model takes ~2.5 s to unload); stubs left then are
+            # killed with the process group
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
         ]
 
@@ -328,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m service.triton_local", description=main.__doc__)
     ap.add_argument("model_repo", type=Path, help="an exported model repository (mmrank export)")
-    ap.add_argument("--instances", type=int, default=1, help="Triton instances (CPU)")
-    ap.add_argument("--max-queue-size", type=int, default=64, help="Triton's queue bound")
+    ap.add_argument("--instances", type=int, default=2, help="Triton instances (CPU)")
+    ap.add_argument(
+        "--max-queue-size", type=int, default=64, help="Triton's queue bound (0: unbounded)"
+    )
     args = ap.parse_args(argv)
     try:
         install = ensure_triton()
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model_repo,
             work / "models",
             instances=args.instances,
-            max_queue_size=args.max_queue_size,
+            max_queue_size=args.max_queue_size or None,
         )
         server = LocalTriton(work / "models", install=install)
     except (TritonSetupError, ValueError, OSError) as exc:

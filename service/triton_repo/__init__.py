@@ -26,9 +26,20 @@ Config choices:
   bounds the requests waiting for an instance (beyond it Triton rejects at once with
   "Exceeds maximum queue size"), and ``allow_timeout_override`` lets the client pass
   its remaining deadline so a request whose caller gave up is dropped from the queue
-  instead of being scored.
+  instead of being scored. ``max_queue_size=None`` leaves the block out: Triton then
+  queues without bound (the client's deadline is the only limit).
 - ``instance_group`` of ``instances`` CPU instances (one stub process and one ONNX
-  Runtime session each, ``threads`` intra-op threads each).
+  Runtime session each, ``threads`` intra-op threads each); 2 by default, as the
+  ``onnxruntime_onnx`` config. Size it to at least the service's ``backend.workers``
+  (batches in flight) so that Triton's queue is empty in normal operation.
+
+Measured here (Triton 2.51, CPU): with ``dynamic_batching`` and ``max_batch_size: 0``,
+a burst of many simultaneous requests queued behind *one* busy instance is served in
+500 ms steps (24 small requests at once: 5-9 s, against 0.02 s without the
+``dynamic_batching`` block; the scheduler's 500 ms idle wait). With 2 instances the
+same burst takes 0.02-0.1 s (rarely one 500 ms step), and 4 steady streams of
+requests (the service's workers) see no step on either. The queue bound is for
+overload, not for steady traffic.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ def render_python_config(
     inputs: tuple[TensorSpec, ...],
     outputs: tuple[TensorSpec, ...],
     *,
-    max_queue_size: int,
+    max_queue_size: int | None,
     instances: int,
     threads: int,
     delay_ms: float,
@@ -70,13 +81,18 @@ def render_python_config(
         "output [",
         ",\n".join(_tensor(t) for t in outputs),
         "]",
-        "dynamic_batching {",
-        "  default_queue_policy {",
-        f"    max_queue_size: {max_queue_size}",
-        "    timeout_action: REJECT",
-        "    allow_timeout_override: true",
-        "  }",
-        "}",
+    ]
+    if max_queue_size is not None:
+        lines += [
+            "dynamic_batching {",
+            "  default_queue_policy {",
+            f"    max_queue_size: {max_queue_size}",
+            "    timeout_action: REJECT",
+            "    allow_timeout_override: true",
+            "  }",
+            "}",
+        ]
+    lines += [
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
         "version_policy: { latest: { num_versions: 1 } }",
         'parameters { key: "onnx_file" value: { string_value: "model.onnx" } }',
@@ -92,8 +108,8 @@ def build_triton_repository(
     *,
     model_name: str = RANKER,
     graph: str = RANKER,
-    max_queue_size: int = 64,
-    instances: int = 1,
+    max_queue_size: int | None = 64,
+    instances: int = 2,
     threads: int = 1,
     delay_ms: float = 0.0,
 ) -> Path:
@@ -106,8 +122,10 @@ def build_triton_repository(
     to serve several), but not ``model_name`` itself. ``delay_ms`` > 0 slows every
     request down (tests only: it makes Triton's queue fill for real).
     """
-    if max_queue_size < 1 or instances < 1 or threads < 1 or delay_ms < 0:
-        raise ValueError("max_queue_size, instances and threads must be >= 1, delay_ms >= 0")
+    if (max_queue_size is not None and max_queue_size < 1) or min(instances, threads) < 1:
+        raise ValueError("max_queue_size (or None), instances and threads must be >= 1")
+    if delay_ms < 0:
+        raise ValueError("delay_ms must be >= 0")
     repo = open_repository(model_repo)
     if graph not in repo.manifest.graphs:
         raise KeyError(f"no graph {graph!r}; {model_repo} has {list(repo.manifest.graphs)}")

@@ -77,8 +77,8 @@ def test_concurrent_requests_are_scored_independently(
     server: LocalTriton, repo: ModelRepository, session: ort.InferenceSession
 ) -> None:
     """max_batch_size 0: Triton never merges two requests (their cand_user would point
-    at each other's users), so 24 concurrent different batches get their own scores."""
-    batches = [ranker_feeds(repo.manifest, 1 + k % 4, 3 + k, 5 + 3 * k, seed=100 + k) for k in range(24)]  # fmt: skip
+    at each other's users), so 16 concurrent different batches get their own scores."""
+    batches = [ranker_feeds(repo.manifest, 1 + k % 4, 3 + k, 5 + 3 * k, seed=100 + k) for k in range(16)]  # fmt: skip
 
     async def run() -> list[np.ndarray]:
         backend = TritonBackend(server.grpc_url, timeout_ms=20_000)

@@ -44,6 +44,13 @@ def test_config_is_the_ranker_signature(repo: ModelRepository, tmp_path: Path) -
     assert (out / "manifest.json").read_bytes() == (repo.root / "manifest.json").read_bytes()
 
 
+def test_unbounded_queue_leaves_dynamic_batching_out(repo: ModelRepository, tmp_path: Path) -> None:
+    out = build_triton_repository(repo.root, tmp_path / "m", max_queue_size=None)
+    text = (out / "ranker" / "config.pbtxt").read_text()
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert not cfg.HasField("dynamic_batching") and cfg.instance_group[0].count == 2
+
+
 def test_refusals(repo: ModelRepository, tmp_path: Path) -> None:
     out = build_triton_repository(repo.root, tmp_path / "m")
     with pytest.raises(FileExistsError):

@@ -80,13 +80,15 @@ def triton_install() -> TritonInstall:
 
 
 def build_models(repo: ModelRepository, out: Path, slow_delay_ms: float, slow_queue: int) -> Path:
-    """A Triton repository serving the ranker twice: ``ranker`` (fast, queue 64) and
-    :data:`SLOW_MODEL` (``slow_delay_ms`` per request, ``slow_queue`` places)."""
+    """A Triton repository serving the ranker twice: ``ranker`` (the defaults: 2
+    instances, queue 64) and :data:`SLOW_MODEL` (one instance, ``slow_delay_ms`` per
+    request, ``slow_queue`` queue places)."""
     build_triton_repository(repo.root, out)
     build_triton_repository(
         repo.root,
         out,
         model_name=SLOW_MODEL,
+        instances=1,
         delay_ms=slow_delay_ms,
         max_queue_size=slow_queue,
     )
@@ -100,7 +102,7 @@ def triton_server(
     install = triton_install()
     repo = exported_repo(tmp_path_factory.mktemp("triton_export"))
     models = build_models(repo, tmp_path_factory.mktemp("triton_models"), slow_delay_ms, slow_queue)
-    server = LocalTriton(models, install=install)
+    server = LocalTriton(models, install=install, exit_timeout_s=1)
     try:
         yield server
     finally:
