@@ -122,6 +122,12 @@ def test_bad_batches_are_backend_errors(server: LocalTriton, repo: ModelReposito
             with pytest.raises(BackendError) as info:
                 await backend.infer(wrong_d)
             assert type(info.value) is BackendError, info.value
+            # shapes fine, the graph itself fails (cand_user points past the user rows):
+            # the Python-backend model answers this request with an error of its own
+            bad_row = dict(feeds, cand_user=np.full(6, 99, np.int64))
+            with pytest.raises(BackendError) as info:
+                await backend.infer(bad_row)
+            assert type(info.value) is BackendError, info.value
             missing = {k: v for k, v in feeds.items() if k != "cand_user"}
             with pytest.raises(BackendError, match="missing"):
                 await backend.infer(missing)

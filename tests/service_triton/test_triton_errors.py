@@ -3,6 +3,10 @@ and messages Triton and gRPC actually send (seen in the real-server tests)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -40,3 +44,13 @@ def test_classify(status: str | None, msg: str, kind: type[BackendError]) -> Non
     if kind is BackendUnavailable:
         assert not isinstance(err, BackendOverloaded)
     assert "ranker" in str(err) and msg in str(err)
+
+
+def test_triton_modules_do_not_import_torch() -> None:
+    """The serving path stays torch-free (a fresh interpreter: this one has torch)."""
+    code = (
+        "import sys, service.backends.triton, service.triton_repo, service.triton_local; "
+        "bad = [m for m in ('torch', 'training', 'model_export.export') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
