@@ -81,14 +81,23 @@ class Services:
         await self.store.close()
 
     async def readiness(self) -> tuple[bool, list[str], dict[str, Any]]:
-        """(ready, reasons it is not, embedding info): a model is loaded and warm, the
-        store answers within its timeout, and its active version fits the model."""
+        """(ready, reasons it is not, embedding info): a model is loaded and warm, its
+        backend answers, the store answers within its timeout, and its active version
+        fits the model."""
         reasons: list[str] = []
         emb: dict[str, Any] = {"version": None, "compatible": False, "problems": []}
         slot = self.models.current
+        timeout = self.settings.store.timeout_ms / 1e3
         if slot is None:
             reasons.append("no model is loaded")
-        timeout = self.settings.store.timeout_ms / 1e3
+        else:
+            try:
+                backend_ok = await asyncio.wait_for(slot.backend.ready(), timeout)
+            except Exception as exc:  # an unreachable backend means not ready, with the reason
+                log.debug("backend check failed: %s", exc)
+                backend_ok = False
+            if not backend_ok:
+                reasons.append(f"the inference backend ({slot.backend.name}) is not ready")
         try:
             if not await asyncio.wait_for(self.store.ping(), timeout):
                 raise ConnectionError("ping failed")

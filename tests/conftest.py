@@ -11,7 +11,9 @@ from data.world import WorldConfig, write_world
 
 def tiny_world_config(seed: int = 0) -> WorldConfig:
     """A world small enough to train on in seconds, same generator as the default."""
-    return WorldConfig(seed=seed, n_users=400, n_items=300, requests_per_user=4.0)
+    return WorldConfig(
+        seed=seed, n_users=400, n_items=300, requests_per_user=4.0, cands_per_request=10
+    )
 
 
 @pytest.fixture(scope="session")

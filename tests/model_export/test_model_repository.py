@@ -19,6 +19,7 @@ from export_fixtures import MODELS, Exported, exported_models, save_small_run
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from data.world import USER_FIELDS
 from model_export.errors import (
     ChecksumError,
     ExportError,
@@ -91,7 +92,7 @@ def test_manifest_holds_the_contract(exported: dict[str, Exported], key: str) ->
         assert k in raw, k
     assert (m.q, m.d) == ((2, 16) if key == "em3" else (1, 16))
     assert m.attention == (None if key == "em3" else key.removeprefix("camenn-"))
-    assert [f.name for f in m.user_fields][:2] == ["user_id", "age"]
+    assert [f.name for f in m.user_fields] == [f.name for f in USER_FIELDS]
     assert m.hashing["pad"] == 0 and m.training["test_auc"] == 0.5 and m.opset == 18
     ranker = m.graphs["ranker"]
     assert [t.name for t in ranker.inputs] == [
