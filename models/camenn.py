@@ -21,6 +21,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from models.common import Block, FieldEmbedding, content_tokens, init_embeddings, mlp
 
@@ -44,6 +45,14 @@ class CameNNConfig:
     attention: str = "candidate-isolated"  # or "full"
     dropout: float = 0.1
     head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    # the item tower learns at this fraction of the optimiser's rate (a reparametrisation:
+    # each tower weight is stored / tower_lr_mult and used * tower_lr_mult). Measured on
+    # the synthetic world: at the full rate the CVR loss (and ITA/TIA too) collapse the
+    # [CLS] embedding within an epoch (mean cosine between items 0.58 -> 0.86, share of
+    # variance explained by the fine category 0.09 -> 0.03), which erases the content
+    # the history/candidate match needs; at 0.1 it keeps it (0.08) and validation AUC
+    # after one epoch goes 0.62 -> 0.70. 1.0 = no reparametrisation.
+    tower_lr_mult: float = 0.1
 
     @property
     def q(self) -> int:
@@ -137,7 +146,8 @@ class CameNNRanker(nn.Module):
         # as in BST, the head also reads the other-feature embeddings directly: user and
         # context effects need not be found by attention first
         n_user = len(cfg.user_buckets) * cfg.field_dim
-        self.head = mlp(2 * d + n_user, cfg.head_hidden, cfg.dropout)
+        # ... and a profile-match readout of the history tokens (see forward)
+        self.head = mlp(4 * d + n_user, cfg.head_hidden, cfg.dropout)
 
     def item_tokens(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """(..., Q, D) embeddings + (..., Fi) fields -> (..., d) item tokens."""
@@ -160,14 +170,14 @@ class CameNNRanker(nn.Module):
         cand_user: torch.Tensor,  # (B,)
     ) -> torch.Tensor:
         _u, n = hist_mask.shape
+        d = self.cfg.d_model
         assert n <= self.cfg.max_hist, f"history length {n} > max_hist {self.cfg.max_hist}"
         fu = user_sparse.shape[1]
         fields = self.user_fields(user_sparse)  # (U, Fu, field_dim)
         other = self.user_in(fields) + self.field_pos.weight[:fu]
         other = other + self.kind.weight[0]  # (U, Fu, d)
-        hist = (
-            self.item_tokens(hist_emb, hist_sparse) + self.hist_pos.weight[:n] + self.kind.weight[1]
-        )  # (U, N, d)
+        hist_items = self.item_tokens(hist_emb, hist_sparse)  # (U, N, d)
+        hist = hist_items + self.hist_pos.weight[:n] + self.kind.weight[1]  # (U, N, d)
         xu = torch.cat([other, hist], dim=1)  # (U, S = Fu + N, d)
         mu = torch.cat([torch.ones_like(user_sparse, dtype=torch.bool), hist_mask], dim=1)
         xc = self.item_tokens(cand_emb, cand_sparse) + self.kind.weight[2]  # (B, d)
@@ -185,7 +195,18 @@ class CameNNRanker(nn.Module):
             mc_x = self._mix(hc, [o[1] for o in outs])  # (B, d)
             t = self.tower.forward_isolated(mu_x, mu, mc_x, cand_user)[1]  # (B, d)
         wide = fields.flatten(1)[cand_user]  # (B, Fu * field_dim)
-        return self.head(torch.cat([self.ln_f(t), xc, wide], dim=-1))[:, 0]  # (B,)
+        # profile match: the mean history token (the user's content profile) and its
+        # elementwise product with the candidate token. Measured: the candidate's
+        # attention over the history stays uniform after an epoch (no target match
+        # learned) and an MLP over the concatenation [t, xc] does not find the product;
+        # this bilinear feature exposes the history/candidate content match directly.
+        # It reads the input tokens, so it is the same function in both attention modes.
+        w = hist_mask.to(hist.dtype)[..., None]  # (U, N, 1)
+        prof = (hist_items * w).sum(1) / w.sum(1).clamp(min=1.0)  # (U, d); 0 for N = 0
+        prof = F.layer_norm(prof, (d,))[cand_user]  # (B, d)
+        match = prof * F.layer_norm(xc, (d,))  # (B, d)
+        x = torch.cat([self.ln_f(t), xc, prof, match, wide], dim=-1)
+        return self.head(x)[:, 0]  # (B,)
 
 
 class CameNN(nn.Module):
@@ -199,3 +220,22 @@ class CameNN(nn.Module):
         self.tower = CameNNItemTower(cfg)
         self.ranker = CameNNRanker(cfg)
         init_embeddings(self)
+        if cfg.tower_lr_mult != 1.0:  # after the initialisation, which it keeps
+            for m in list(self.tower.modules()):
+                for name, _ in list(m.named_parameters(recurse=False)):
+                    parametrize.register_parametrization(m, name, _Scaled(cfg.tower_lr_mult))
+
+
+class _Scaled(nn.Module):
+    """Stores a weight divided by ``c`` and returns it times ``c``: the same function,
+    but an Adam-style step moves the used weight ``c`` times as far."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.c
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.c
