@@ -17,7 +17,8 @@ Users have three favourite categories and one favourite style (their histories a
 drawn mostly from those), so a long enough history identifies them; cold-start users
 have no history and only their (age, gender) segment's lean. A user is known to the
 ranker by profile, context and history, not by an id embedding: with ~100 labelled
-candidates per user an id table memorises noise (measured: EM3 lost ~0.02 AUC with it).
+candidates per user an id table memorises noise (measured on a low-noise variant:
+EM3 test AUC 0.756 with a user-id field, 0.773 without).
 
 Word vectors of one category (or style) share a direction, as pretrained text
 embeddings place related words together (``word_cohesion``); every token and patch
