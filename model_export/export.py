@@ -43,9 +43,6 @@ from torch import nn
 
 from model_export.errors import ExportError
 from model_export.graphs import (
-    ITEM_TOWER_INPUTS,
-    RANKER_INPUTS,
-    RANKER_OUTPUTS,
     ItemTowerGraph,
     RankerGraph,
     item_tower_dynamic_shapes,
@@ -58,9 +55,12 @@ from model_export.manifest import (
     HASHING,
     ITEM_TOWER,
     ITEM_TOWER_AXES,
+    ITEM_TOWER_INPUTS,
     MANIFEST,
     RANKER,
     RANKER_AXES,
+    RANKER_INPUTS,
+    RANKER_OUTPUTS,
     Field,
     GraphSpec,
     Manifest,

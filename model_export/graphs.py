@@ -22,18 +22,6 @@ from torch.export import Dim
 from models.camenn import CameNN, CameNNItemTower
 from models.em3 import EM3
 
-RANKER_INPUTS = (
-    "user_sparse",
-    "hist_emb",
-    "hist_sparse",
-    "hist_mask",
-    "cand_emb",
-    "cand_sparse",
-    "cand_user",
-)
-RANKER_OUTPUTS = ("cvr",)
-ITEM_TOWER_INPUTS = ("text", "text_len", "image", "has_image")
-
 
 def item_tower_outputs(model: nn.Module) -> tuple[str, ...]:
     return ("emb", "ita", "tia") if isinstance(model, CameNN) else ("emb",)

@@ -24,6 +24,19 @@ MANIFEST = "manifest.json"
 RANKER = "ranker"
 ITEM_TOWER = "item_tower"
 
+# the graphs' tensor names (DESIGN section 3), one definition for exporter and service
+RANKER_INPUTS = (
+    "user_sparse",  # int64 (U, Fu)
+    "hist_emb",  # float32 (U, N, Q, D)
+    "hist_sparse",  # int64 (U, N, Fi)
+    "hist_mask",  # bool (U, N)
+    "cand_emb",  # float32 (B, Q, D)
+    "cand_sparse",  # int64 (B, Fi)
+    "cand_user",  # int64 (B,)
+)
+RANKER_OUTPUTS = ("cvr",)
+ITEM_TOWER_INPUTS = ("text", "text_len", "image", "has_image")
+
 # numpy dtype name in the manifest -> ONNX Runtime's type string for the same tensor
 ORT_TYPES = {
     "float32": "tensor(float)",

@@ -18,12 +18,11 @@ from safetensors.torch import load_file
 from model_export.errors import ManifestError
 from model_export.export import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 from model_export.graphs import (
-    ITEM_TOWER_INPUTS,
-    RANKER_INPUTS,
     ItemTowerGraph,
     RankerGraph,
     item_tower_outputs,
 )
+from model_export.manifest import ITEM_TOWER_INPUTS, RANKER_INPUTS
 from model_export.repository import read_manifest, verify_files
 from models.camenn import CameNN, CameNNConfig
 from models.em3 import EM3, EM3Config

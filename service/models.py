@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from feature_store.codec import VersionManifest
+from model_export.bench import request_feeds
 from model_export.manifest import ITEM_TOWER, RANKER, Manifest
 from model_export.repository import ModelRepository, max_abs_diff, open_repository
 from service.backends.base import Backend, BackendError
@@ -73,26 +72,6 @@ def max_history(settings: Settings, m: Manifest) -> tuple[int, list[int]]:
                                                                   m.max_hist)  # fmt: skip
     buckets = sorted({b for b in settings.batching.hist_buckets if b < n} | {max(n, 1)})
     return n, buckets
-
-
-def example_batch(m: Manifest, rows: int, n: int) -> dict[str, np.ndarray]:
-    """A warm-up batch: one user, ``n`` real history items, ``rows`` candidates."""
-    rng = np.random.default_rng(0)
-
-    def ids(fields: Any, *lead: int) -> np.ndarray:
-        return np.stack([rng.integers(1, f.buckets, size=lead) for f in fields], -1).astype(
-            np.int64
-        )
-
-    return {
-        "user_sparse": ids(m.user_fields, 1),
-        "hist_emb": rng.standard_normal((1, n, m.q, m.d)).astype(np.float32),
-        "hist_sparse": ids(m.item_fields, 1, n),
-        "hist_mask": np.ones((1, n), bool),
-        "cand_emb": rng.standard_normal((rows, m.q, m.d)).astype(np.float32),
-        "cand_sparse": ids(m.item_fields, rows),
-        "cand_user": np.zeros(rows, np.int64),
-    }
 
 
 def build_backend(settings: Settings, repo: ModelRepository) -> Backend:
@@ -196,7 +175,7 @@ async def load_slot(settings: Settings, root: Path, metrics: Metrics | None) -> 
         n, buckets = max_history(settings, repo.manifest)
         t0 = time.perf_counter()
         rows = min(settings.batching.max_batch_rows, 512)
-        await backend.warm(example_batch(repo.manifest, rows, buckets[-1]), buckets)
+        await backend.warm(request_feeds(repo.manifest, rows, buckets[-1]), buckets)
         warm_s = time.perf_counter() - t0
         if not await backend.ready():
             raise BackendError("the backend is not ready after warming")

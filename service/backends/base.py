@@ -25,15 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-RANKER_INPUTS = (
-    "user_sparse",  # int64 (U, Fu)
-    "hist_emb",  # float32 (U, N, Q, D)
-    "hist_sparse",  # int64 (U, N, Fi)
-    "hist_mask",  # bool (U, N)
-    "cand_emb",  # float32 (B, Q, D)
-    "cand_sparse",  # int64 (B, Fi)
-    "cand_user",  # int64 (B,)
-)
+from model_export.manifest import RANKER_INPUTS
+
+__all__ = ["RANKER_INPUTS", "Backend", "BackendError", "BackendOverloaded", "BackendUnavailable"]
 
 
 class BackendError(Exception):
