@@ -504,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_flags(d)
     training_flags(d)
     d.set_defaults(func=_demo)
+
+    from deploy.commands import register  # stack, loadtest (deploy/)
+
+    register(sub)
     return p
 
 
