@@ -118,3 +118,24 @@ def test_loadtest_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     res = _loadtest("--out", str(tmp_path / "empty"), "--report-only", timeout=60)
     assert res.returncode == 2
     assert "no requests were logged" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_stack_with_triton_backend(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``mmrank stack --triton``: the service scores on a local tritonserver."""
+    from service.triton_local import TritonSetupError, ensure_triton
+
+    try:
+        ensure_triton()
+    except TritonSetupError as exc:
+        pytest.skip(f"Triton venv cannot be built on this machine: {exc}")
+    inputs = shared_inputs(tmp_path_factory)
+    with LocalStack(inputs, port=free_port(), triton=True,
+                    workdir=tmp_path_factory.mktemp("triton-stack")) as st:  # fmt: skip
+        assert st.triton is not None
+        models = httpx.get(st.url + "/v1/models", timeout=5).json()["models"]
+        assert models[0]["backend"] == "triton"
+        ids = json.loads(inputs.ids.read_text())
+        body = {"user_id": ids["users"][1], "candidates": ids["items"][:50]}
+        r = httpx.post(st.url + "/v1/rank", json=body, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 50, r.text
+    assert st.triton is None and st.redis is None
