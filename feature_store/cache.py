@@ -9,8 +9,9 @@ Single-threaded use (one event loop); counters are plain ints.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import compress
 
 
 class RecordCache:
@@ -38,20 +39,21 @@ class RecordCache:
         return lru
 
     def get_many(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
-        """Cached record of each id (None where absent); counts hits and misses."""
+        """Cached record of each id (None where absent); counts hits and misses.
+        Lookups and recency updates run as C-level ``map``s (no per-id Python frame)."""
         if not self.max_items:
             self.misses += len(ids)
             return [None] * len(ids)
         lru = self._lru(version)
-        out = [lru.get(i) for i in ids]
-        move = lru.move_to_end
-        hits = 0
-        for i, v in zip(ids, out, strict=True):
-            if v is not None:
-                move(i)
-                hits += 1
-        self.hits += hits
-        self.misses += len(ids) - hits
+        out = list(map(lru.get, ids))
+        misses = out.count(None)
+        if misses == 0:
+            deque(map(lru.move_to_end, ids), maxlen=0)  # every id: most recent, in order
+        elif misses < len(ids):
+            # the hits, in order (cached values are whole records: never empty, so truthy)
+            deque(map(lru.move_to_end, compress(ids, out)), maxlen=0)
+        self.hits += len(ids) - misses
+        self.misses += misses
         return out
 
     def put_many(self, version: str, items: Sequence[tuple[str, bytes]]) -> None:
@@ -59,9 +61,8 @@ class RecordCache:
         if not self.max_items:
             return
         lru = self._lru(version)
-        for i, v in items:
-            lru[i] = v
-            lru.move_to_end(i)
+        lru.update(items)  # new ids go last; ids already cached keep their place...
+        deque(map(lru.move_to_end, (i for i, _ in items)), maxlen=0)  # ...until moved
         over = len(lru) - self.max_items
         for _ in range(max(0, over)):
             lru.popitem(last=False)

@@ -130,14 +130,23 @@ def encode_items(
     return rec
 
 
+def _nonfinite(a: np.ndarray) -> np.ndarray:
+    """Elementwise NaN/inf of a float array; float16 through its bits (exponent all
+    ones), ~7x faster than ``np.isfinite``, which has no float16 fast path."""
+    if a.dtype == np.float16:
+        return np.asarray((a.view(np.uint16) & 0x7C00) == 0x7C00)
+    return np.asarray(~np.isfinite(a))
+
+
 def finite_rows(rec: np.ndarray) -> np.ndarray:
     """(I,) bool: every float of the record is finite."""
-    ok = np.isfinite(rec["emb"].reshape(len(rec), int(np.prod(rec.dtype["emb"].shape)))).all(
-        axis=1
-    )  # (I,); I = 0 is fine
+    emb = rec["emb"].reshape(len(rec), int(np.prod(rec.dtype["emb"].shape)))  # (I, Q*D)
+    nf = _nonfinite(emb)  # (I, Q*D)
+    # one reduction over the whole array first: the common answer is "all finite"
+    bad = np.asarray(nf.any(axis=1)) if nf.any() else np.zeros(len(rec), bool)  # (I,)
     if rec.dtype.names is not None and "ita" in rec.dtype.names:
-        ok &= np.isfinite(rec["ita"]) & np.isfinite(rec["tia"])
-    return ok
+        bad |= _nonfinite(rec["ita"]) | _nonfinite(rec["tia"])
+    return ~bad
 
 
 def split_records(rec: np.ndarray) -> list[bytes]:
@@ -166,11 +175,13 @@ def decode_items(values: Sequence[bytes | None], dtype: np.dtype) -> DecodedItem
     with one ``np.frombuffer`` (see the module docstring)."""
     size = dtype.itemsize
     n = len(values)
-    lens = [-1 if v is None else len(v) for v in values]
-    if lens.count(size) == n:  # the common case: every value is a record
+    buf = b"".join(values) if None not in values else b""  # type: ignore[arg-type]
+    if len(buf) == n * size and n and min(map(len, values)) == size:  # type: ignore[arg-type]
+        # the common case: every value is a record (equal total and equal minimum
+        # length: every length equals ``size``)
         ok, missing, rejected = [True] * n, [], []
-        buf = b"".join(values)  # type: ignore[arg-type]
     else:
+        lens = [-1 if v is None else len(v) for v in values]
         ok = [x == size for x in lens]
         missing = [k for k, x in enumerate(lens) if x < 0]
         rejected = [(k, REJECT_SIZE) for k, x in enumerate(lens) if x >= 0 and x != size]

@@ -171,20 +171,32 @@ class FeatureStore(abc.ABC):
 
     def _remember(self, version: str, ids: Sequence[str], values: Sequence[bytes | None],
                   batch: ItemBatch, fetched: Sequence[int]) -> None:  # fmt: skip
-        good = [(ids[k], values[k]) for k in fetched if batch.present[k]]
+        if not self.cache.max_items or not len(fetched):
+            return
+        present = batch.present.tolist()
+        good = [(ids[k], values[k]) for k in fetched if present[k]]
         self.cache.put_many(version, good)  # type: ignore[arg-type]
 
     async def _items(
         self, m: VersionManifest, ids: list[str], user_id: str | None = None
     ) -> tuple[ItemBatch, bytes | None]:
         values = self.cache.get_many(m.version, ids)
-        todo = [k for k, v in enumerate(values) if v is None]
+        misses = values.count(None)
+        todo: Sequence[int] = (range(len(ids)) if misses == len(ids)
+                               else [k for k, v in enumerate(values) if v is None] if misses
+                               else [])  # fmt: skip
         user = None
         if todo or user_id is not None:
-            user, got = await self._fetch(m, user_id, [ids[k] for k in todo])
+            asked = ids if misses == len(ids) else [ids[k] for k in todo]
+            user, got = await self._fetch(m, user_id, asked)
             self.counters.round_trips += 1
-            for k, v in zip(todo, got, strict=True):
-                values[k] = v
+            if len(got) != len(asked):
+                raise ValueError(f"the store returned {len(got)} values for {len(asked)} keys")
+            if misses == len(ids):
+                values = list(got)
+            else:
+                for k, v in zip(todo, got, strict=True):
+                    values[k] = v
         batch = self._batch(m, ids, values)
         self._remember(m.version, ids, values, batch, todo)
         return batch, user

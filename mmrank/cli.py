@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--k", type=int, default=500, help="candidates per request")
     bsv.add_argument("--n", type=int, default=50, help="history items per request, at most")
     bsv.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    bsv.add_argument("--max-batch-rows", type=int,
+                     help="the service's batching.max_batch_rows; model only splits the same "
+                     "way (default: the setting's default)")  # fmt: skip
     bsv.add_argument("--concurrency", type=int, default=8, help="connections at saturation")
     bsv.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     bsv.add_argument("--server-cpus", help="taskset CPU list for the server, e.g. 1")

@@ -4,9 +4,10 @@ section 10, the ceiling half): same requests, same ONNX Runtime threads.
 1. A CameNN of the demo's size (d = 64, 8 heads, ``candidate-isolated``; random weights:
    speed does not depend on training) is exported, the world's catalog embedded by its
    item tower and written to the embedded store (or ``--repo``/``--store`` given).
-2. Model only: each request's tensors (U = 1, its N history items, K candidates) run
-   through one ONNX Runtime session, one after another on one thread: throughput and
-   per-request p50.
+2. Model only: each request's tensors (U = 1, its N history items, K candidates, in
+   calls of at most ``batching.max_batch_rows`` candidates, as the service splits them)
+   run through one ONNX Runtime session, one after another on one thread: throughput,
+   per-request p50 and CPU per request.
 3. End to end: ``mmrank serve`` in a subprocess (optionally pinned with ``taskset``), a
    light asyncio HTTP/1.1 keep-alive load generator in this process (optionally pinned
    apart): closed loop with ``--concurrency`` connections for saturation throughput,
@@ -34,6 +35,7 @@ import numpy as np
 from feature_store.codec import decode_user
 from feature_store.embedded import _read
 from model_export.repository import open_repository
+from service.settings import BatchingSettings
 
 
 def build_stack(out: Path, items: int, users: int, seed: int = 0) -> tuple[Path, Path]:
@@ -109,20 +111,42 @@ def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
     return out
 
 
-def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float) -> dict[str, float]:
+def chunks(feeds: dict[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
+    """One request's tensors as calls of at most ``rows`` candidates each (the service's
+    ``batching.max_batch_rows``), each with the request's own user row."""
+    k = len(feeds["cand_user"])
+    cand = ("cand_emb", "cand_sparse", "cand_user")
+    return [{**feeds, **{n: feeds[n][a : a + rows] for n in cand}} for a in range(0, k, rows)]
+
+
+def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float,
+               max_rows: int) -> dict[str, float]:  # fmt: skip
+    """The ceiling: each request's tensors through one ONNX Runtime session, one request
+    after another, in calls of at most ``max_rows`` candidates (the same split the
+    service makes), unpadded history; throughput, p50 per request, CPU per request."""
     sess = open_repository(repo, golden=False).session("ranker", threads=threads)
-    for r in reqs[:5]:
-        sess.run(["cvr"], r.feeds)
+    calls = [chunks(r.feeds, max_rows) for r in reqs]
+    for c in calls[:5]:
+        for f in c:
+            sess.run(["cvr"], f)
     lat = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     i = 0
     while time.perf_counter() - t0 < seconds or i < 20:
         a = time.perf_counter()
-        sess.run(["cvr"], reqs[i % len(reqs)].feeds)
+        for f in calls[i % len(calls)]:
+            sess.run(["cvr"], f)
         lat.append(time.perf_counter() - a)
         i += 1
-    total = time.perf_counter() - t0
-    return {"throughput_rps": i / total, "p50_ms": 1e3 * statistics.median(lat), "requests": i}
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"throughput_rps": i / total, "p50_ms": 1e3 * statistics.median(lat), "requests": i,
+            "cpu_ms_per_request": 1e3 * cpu / i}  # fmt: skip
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Conn:
@@ -149,8 +173,11 @@ class Conn:
         return status, time.perf_counter() - t0
 
 
-async def closed_loop(host: str, port: int, reqs: list[Request], conc: int,
-                      seconds: float) -> dict[str, float]:  # fmt: skip
+async def closed_loop(host: str, port: int, reqs: list[Request], conc: int, seconds: float,
+                      server_pid: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Saturation: ``conc`` connections, each sending its next request as soon as the
+    last one is answered. With ``server_pid``, also the server's CPU per request
+    (a measure that other jobs on the machine disturb far less than throughput)."""
     conns = [Conn(host, port) for _ in range(conc)]
     for c in conns:  # warm the connections and the server
         await c.post(reqs[0].body)
@@ -169,10 +196,14 @@ async def closed_loop(host: str, port: int, reqs: list[Request], conc: int,
             bad += st != 200
 
     t0 = time.perf_counter()
+    c0 = process_cpu_s(server_pid) if server_pid else 0.0
     await asyncio.gather(*(run(c) for c in conns))
     total = time.perf_counter() - t0
-    return {"throughput_rps": len(lat) / total, "p50_ms": 1e3 * statistics.median(lat),
-            "requests": len(lat), "errors": bad}  # fmt: skip
+    out = {"throughput_rps": len(lat) / total, "p50_ms": 1e3 * statistics.median(lat),
+           "requests": len(lat), "errors": bad}  # fmt: skip
+    if server_pid:
+        out["cpu_ms_per_request"] = 1e3 * (process_cpu_s(server_pid) - c0) / len(lat)
+    return out
 
 
 async def open_loop(host: str, port: int, reqs: list[Request], rate: float,
@@ -222,7 +253,8 @@ def run_bench(args: Any) -> dict[str, Any]:
     mine = os.sched_getaffinity(0)
     if args.server_cpus:  # the model alone runs where the server will
         os.sched_setaffinity(0, {int(c) for c in args.server_cpus.split(",")})
-    model = model_only(repo, reqs, args.threads, args.seconds)
+    rows = args.max_batch_rows or BatchingSettings().max_batch_rows
+    model = model_only(repo, reqs, args.threads, args.seconds, rows)
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")} if args.client_cpus
                          else mine)  # fmt: skip
     from feature_store.local_redis import free_port
@@ -230,6 +262,7 @@ def run_bench(args: Any) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "MMRANK_BACKEND__THREADS": str(args.threads),
            "MMRANK_BACKEND__WORKERS": "1", "MMRANK_BATCHING__QUEUE_LIMIT": "256",
+           "MMRANK_BATCHING__MAX_BATCH_ROWS": str(rows),
            "MMRANK_API__DEFAULT_DEADLINE_MS": "10000"}  # fmt: skip
     cmd = [*_pin(args.server_cpus), sys.executable, "-m", "mmrank.cli", "serve", "--repo",
            str(repo), "--embedded", str(store), "--port", str(port), "--log-level", "warning"]  # fmt: skip
@@ -246,7 +279,8 @@ def run_bench(args: Any) -> dict[str, Any]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the service did not become ready") from None
                 time.sleep(0.3)
-        sat = asyncio.run(closed_loop("127.0.0.1", port, reqs, args.concurrency, args.seconds))
+        sat = asyncio.run(closed_loop("127.0.0.1", port, reqs, args.concurrency, args.seconds,
+                                      server.pid))  # fmt: skip
         half = asyncio.run(open_loop("127.0.0.1", port, reqs, sat["throughput_rps"] / 2,
                                      args.seconds))  # fmt: skip
     finally:
@@ -258,6 +292,7 @@ def run_bench(args: Any) -> dict[str, Any]:
             "k": args.k,
             "n": n_real,
             "ort_threads": args.threads,
+            "max_batch_rows": rows,
             "concurrency": args.concurrency,
             "server_cpus": args.server_cpus,
             "client_cpus": args.client_cpus,
@@ -269,6 +304,7 @@ def run_bench(args: Any) -> dict[str, Any]:
         "half_load": half,
         "throughput_ratio": sat["throughput_rps"] / model["throughput_rps"],
         "p50_delta_ms": half["p50_ms"] - model["p50_ms"],
+        "cpu_ratio": model["cpu_ms_per_request"] / sat["cpu_ms_per_request"],
     }
 
 
@@ -287,4 +323,7 @@ def render(res: dict[str, Any]) -> str:
         f"| p50 at half load (ms) | {m['p50_ms']:.2f} | {half['p50_ms']:.2f} (p95 "
         f"{half['p95_ms']:.2f}, {half['rate_rps']:.1f} req/s, {half['errors']} errors) | "
         f"{res['p50_delta_ms']:+.2f} ms (target <= +3 ms) |",
+        f"| CPU per request (ms, all threads) | {m['cpu_ms_per_request']:.2f} | "
+        f"{sat['cpu_ms_per_request']:.2f} | {res['cpu_ratio']:.1%} (the throughput ratio "
+        "a dedicated core would give) |",
     ]) + "\n"  # fmt: skip

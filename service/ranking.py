@@ -20,13 +20,13 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from feature_store.errors import StoreUnavailable, VersionError
 from feature_store.store import FeatureStore
@@ -168,8 +168,11 @@ class RankingService:
             if left <= 0:
                 raise DeadlineExceeded("the deadline passed before inference")
             loop = asyncio.get_running_loop()
-            job = Job(user, cand.emb[scored].astype(np.float32), cand.sparse[scored],
-                      deadline.at, loop.create_future())  # fmt: skip
+            if len(scored) == len(ids):  # every candidate known: no gather
+                c_emb, c_sparse = cand.emb.astype(np.float32), cand.sparse
+            else:
+                c_emb, c_sparse = cand.emb[scored].astype(np.float32), cand.sparse[scored]
+            job = Job(user, c_emb, c_sparse, deadline.at, loop.create_future())
             fut = slot.batcher.submit(job)
             try:
                 scores = await asyncio.wait_for(fut, left)
@@ -182,9 +185,11 @@ class RankingService:
 
         t_sort = time.monotonic()
         order = np.argsort(-scores, kind="stable")  # ties keep the order sent
+        ranked_ids = list(map(ids.__getitem__, scored[order].tolist()))
+        ranked_scores = scores[order].astype(np.float64).tolist()  # exact float32 values
         items: list[dict[str, Any]] = [
-            {"item_id": ids[scored[o]], "score": float(scores[o]), "rank": r}
-            for r, o in enumerate(order.tolist(), 1)
+            {"item_id": i, "score": sc, "rank": r}
+            for i, sc, r in zip(ranked_ids, ranked_scores, range(1, len(order) + 1), strict=True)
         ]
         items += [
             {"item_id": i, "score": None, "rank": r} for r, i in enumerate(missing, len(items) + 1)
@@ -208,7 +213,7 @@ class RankingService:
         done = time.monotonic()
         self.metrics.stage("sort", done - t_sort)
         body["timings_ms"] = {**timings, "sort": _ms(done - t_sort), "total": _ms(done - started)}
-        return json.dumps(body, separators=(",", ":")).encode()
+        return orjson.dumps(body)
 
     def _degraded(self, req: RankRequest, slot: ModelSlot, ids: list[str], dups: int,
                   reason: str, started: float, t_parse: float) -> bytes:  # fmt: skip
@@ -235,4 +240,4 @@ class RankingService:
                 "total": _ms(now - started),
             },
         }
-        return json.dumps(body, separators=(",", ":")).encode()
+        return orjson.dumps(body)

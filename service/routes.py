@@ -13,12 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.app import Services
 from service.errors import Forbidden, NotFound, Unavailable
 from service.http import check_key, deadline_of, until_disconnect
-from service.schemas import RankRequest, RankResponse, SwapRequest
+from service.schemas import RankRequest, RankResponse, SwapRequest, parse_rank_request
 
 router = APIRouter()
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are ``async def``: FastAPI runs plain ``def`` ones in a thread pool,
+# a thread hop (and GIL hand-off) per dependency per request.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -26,13 +28,13 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def ranking_auth(request: Request, svc: ServicesDep) -> None:
+async def ranking_auth(request: Request, svc: ServicesDep) -> None:
     keys = svc.settings.api.api_keys
     if keys:
         check_key(request, keys, "/v1/rank")
 
 
-def admin_auth(request: Request, svc: ServicesDep) -> None:
+async def admin_auth(request: Request, svc: ServicesDep) -> None:
     keys = svc.settings.api.admin_api_keys
     if not keys:
         raise Forbidden("the admin API is disabled (no admin keys are configured)")
@@ -43,6 +45,13 @@ def admin_auth(request: Request, svc: ServicesDep) -> None:
     "/v1/rank",
     dependencies=[Depends(ranking_auth)],
     response_model=RankResponse,
+    # the body is parsed by parse_rank_request, not by FastAPI; its schema for the docs:
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
+        }
+    },
     responses={
         k: {"description": d}
         for k, d in (
@@ -60,8 +69,9 @@ def admin_auth(request: Request, svc: ServicesDep) -> None:
         )
     },
 )
-async def rank(body: RankRequest, request: Request, svc: ServicesDep) -> Response:
+async def rank(request: Request, svc: ServicesDep) -> Response:
     """Rank ``candidates`` for ``user_id``; the deadline header bounds the whole call."""
+    body = parse_rank_request(await request.body())
     deadline = deadline_of(request, svc.settings.api)
     work = svc.ranking.rank(body, deadline, request.state.started)
     return Response(await until_disconnect(request, work), media_type="application/json")
