@@ -307,6 +307,22 @@ def compose_problems(path: Path, root: Path = ROOT, schema: Path = SCHEMA) -> li
     return problems
 
 
+def override_problems(path: Path, base: Path, schema: Path = SCHEMA) -> list[str]:
+    """A compose override file (``-f base -f path``): the schema, and its ``MMRANK_*``
+    variables merged over the base file's still validate as settings."""
+    problems = [f"{Path(path).name}: {p}" for p in schema_problems(yaml.safe_load(
+        Path(path).read_text()), schema)]  # fmt: skip
+    over = load_compose(path).get("services", {})
+    services = load_compose(base).get("services", {})
+    for name, svc in over.items():
+        if name not in services:
+            problems.append(f"{Path(path).name}: overrides {name!r}, which {Path(base).name} lacks")
+        elif name in MMRANK_SERVICES:
+            merged = _env(services[name]) | _env(svc)
+            problems += settings_problems(merged, f"{Path(path).name} {name} environment")
+    return problems
+
+
 def _listens(name: str, svc: dict[str, Any], ranker_port: str | None) -> set[str]:
     if name == "ranker":
         return {str(ranker_port)}
@@ -476,7 +492,9 @@ def _all_sources(stages: dict[str, dict[str, Any]], name: str) -> list[str]:
 
 
 def main() -> int:
-    probs = compose_problems(ROOT / "docker-compose.yml") + dockerfile_problems(ROOT / "Dockerfile")
+    probs = (compose_problems(ROOT / "docker-compose.yml")
+             + override_problems(ROOT / "deploy" / "compose.gpu.yml", ROOT / "docker-compose.yml")
+             + dockerfile_problems(ROOT / "Dockerfile"))  # fmt: skip
     for p in probs:
         sys.stderr.write(p + "\n")
     sys.stdout.write(f"{len(probs)} problems\n")

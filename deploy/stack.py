@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -256,6 +257,11 @@ class LocalStack:
         """Start every part in order; on any failure stop what was started and raise."""
         from feature_store.local_redis import LocalRedis
 
+        with socket.socket() as probe:  # else another server on the port would look ready
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise StackError(f"cannot serve on {self.host}:{self.port}: {exc}") from exc
         try:
             policy = [a for k, v in REDIS_POLICY.items() for a in (f"--{k}", v)]
             self.redis = LocalRedis(["--maxmemory", REDIS_MAXMEMORY, *policy])

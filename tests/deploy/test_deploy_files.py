@@ -25,6 +25,19 @@ def test_compose_file_passes() -> None:
     assert compose_problems(ROOT / "docker-compose.yml") == []
 
 
+def test_gpu_override_passes_and_fails_on_planted_mistakes(tmp_path: Path) -> None:
+    base, gpu = ROOT / "docker-compose.yml", ROOT / "deploy" / "compose.gpu.yml"
+    assert checks.override_problems(gpu, base) == []
+    bad = tmp_path / "compose.gpu.yml"
+    bad.write_text(_replace("MMRANK_BACKEND__DEVICE: cuda", "MMRANK_BACKEND__DEVICE: gpu")(
+        gpu.read_text()))  # fmt: skip
+    assert any("MMRANK_BACKEND__DEVICE" in p for p in checks.override_problems(bad, base))
+    bad.write_text(_replace("capabilities: [gpu]", "capabilities: gpu")(gpu.read_text()))
+    assert any("schema:" in p for p in checks.override_problems(bad, base))
+    bad.write_text(_replace("  ranker:", "  rankr:")(gpu.read_text()))
+    assert any("'rankr'" in p for p in checks.override_problems(bad, base))
+
+
 def test_dockerfile_passes_hadolint_and_checks() -> None:
     assert dockerfile_problems(ROOT / "Dockerfile") == []
 

@@ -62,6 +62,15 @@ def test_stack_is_ready_ranks_and_exposes_metrics(stack: LocalStack) -> None:
     assert state["url"] == stack.url and state["redis"].startswith("redis://")
 
 
+def test_stack_refuses_a_busy_port(stack: LocalStack) -> None:
+    from deploy.stack import StackError
+
+    other = LocalStack(stack.inputs, port=stack.port)  # the running stack holds it
+    with pytest.raises(StackError, match="cannot serve on"):
+        other.start()
+    assert other.redis is None and other.service is None
+
+
 def _loadtest(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mmrank.cli", "loadtest", *args],
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
