@@ -148,3 +148,26 @@ def test_stack_with_triton_backend(tmp_path_factory: pytest.TempPathFactory) -> 
         r = httpx.post(st.url + "/v1/rank", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["items"]) == 50, r.text
     assert st.triton is None and st.redis is None
+
+
+def test_mmrank_stack_command(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The documented command: starts, says where, answers, stops by itself with --seconds."""
+    inputs = shared_inputs(tmp_path_factory)
+    port = free_port()
+    logs = tmp_path_factory.mktemp("cli-stack")
+    proc = subprocess.Popen([sys.executable, "-m", "mmrank.cli", "stack", "--dir", str(inputs.root),
+                             "--port", str(port), "--logs", str(logs), "--seconds", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"mmrank stack ready: http://127.0.0.1:{port}" in out
+    assert f"mmrank loadtest --host http://127.0.0.1:{port} --ids {inputs.ids}" in out
+    assert "loaded version" in (logs / "loader.log").read_text()
+    bad = subprocess.run([sys.executable, "-m", "mmrank.cli", "stack", "--dir", str(inputs.root),
+                          "--env", "BATCHING=1"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "want MMRANK_NAME=VALUE" in bad.stderr
+    assert "Traceback" not in bad.stderr
