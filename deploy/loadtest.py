@@ -221,6 +221,45 @@ def write_report(out: Path, slo: Slo, meta: dict[str, Any]) -> tuple[bool, list[
     return met, steps
 
 
+def check_mix(step_rps: str, k_mix: str, unknown: float, missing: float) -> list[float]:
+    """The offered loads; ValueError naming the flag when any load option is malformed
+    (checked here so Locust is never started with options its locustfile rejects)."""
+    try:
+        steps = [float(x) for x in step_rps.split(",") if x.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(not x > 0 for x in steps):
+        raise ValueError(f"--steps {step_rps!r}: want positive requests/s, e.g. 2,4,8")
+    try:
+        pairs = [p.partition(":") for p in k_mix.split(",")]
+        ok = all(int(k) >= 1 and float(w or 1) > 0 for k, _, w in pairs)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--k-mix {k_mix!r}: want K:weight pairs, e.g. 100:0.5,500:0.3,1000:0.2")
+    for name, rate in (("--unknown-user-rate", unknown), ("--missing-item-rate", missing)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name} {rate}: want a fraction in [0, 1]")
+    return steps
+
+
+def _check_host(host: str) -> None:
+    """ValueError unless ``host`` answers ``/v2/health/live`` (any HTTP status counts)."""
+    import urllib.error
+    import urllib.request
+
+    if not host.startswith(("http://", "https://")):
+        raise ValueError(f"--host {host!r}: want a base URL such as http://127.0.0.1:8000")
+    try:
+        urllib.request.urlopen(host.rstrip("/") + "/v2/health/live", timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # it answers; the load test will tell how well
+    except (urllib.error.URLError, OSError) as exc:
+        raise ValueError(
+            f"no service answers at {host} ({exc}); start one with `mmrank stack`"
+        ) from exc
+
+
 def run_locust(
     host: str,
     ids: Path,
@@ -242,9 +281,10 @@ def run_locust(
         raise ValueError(f"locustfile {locustfile} not found (give --locustfile)")
     if not ids.is_file():
         raise ValueError(f"ids file {ids} not found (the stack directory's ids.json)")
-    steps = [s for s in step_rps.split(",") if s.strip()]
-    if not steps or step_seconds <= 0 or user_rps <= 0:
-        raise ValueError("--steps needs requests/s values; --step-seconds, --user-rps > 0")
+    steps = check_mix(step_rps, k_mix, unknown_user_rate, missing_item_rate)
+    if step_seconds <= 0 or user_rps <= 0:
+        raise ValueError("--step-seconds and --user-rps must be > 0")
+    _check_host(host)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host,
            "--csv", str(out / "locust"), "--csv-full-history", "--only-summary",

@@ -124,6 +124,14 @@ def test_loadtest_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     res = _loadtest("--ids", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"), timeout=60)
     assert res.returncode == 2
     assert "nope.json not found" in res.stderr and "Traceback" not in res.stderr
+    ids = tmp_path / "ids.json"
+    ids.write_text('{"users": ["u0"], "items": ["i0"]}')
+    for args, msg in ((["--steps", "abc"], "--steps 'abc'"), (["--k-mix", "100:x"], "--k-mix"),
+                      (["--host", f"http://127.0.0.1:{free_port()}"], "no service answers"),
+                      (["--slo-error-rate", "3"], "--slo-error-rate")):  # fmt: skip
+        res = _loadtest("--ids", str(ids), "--out", str(tmp_path / "o"), *args, timeout=60)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
     res = _loadtest("--out", str(tmp_path / "empty"), "--report-only", timeout=60)
     assert res.returncode == 2
     assert "no requests were logged" in res.stderr and "Traceback" not in res.stderr
