@@ -17,6 +17,7 @@ with a reason, and rejected records are never returned as data.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,12 @@ class VersionManifest:
     store_format: int = STORE_FORMAT
 
     def dtype(self) -> np.dtype:
-        return record_dtype_from_json(self.record)
+        """The record layout (built once per manifest: reads call this per request)."""
+        dt: np.dtype | None = self.__dict__.get("_dtype")
+        if dt is None:
+            dt = record_dtype_from_json(self.record)
+            object.__setattr__(self, "_dtype", dt)  # a cache, not a field (frozen, eq, asdict)
+        return dt
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -140,7 +146,7 @@ def _nonfinite(a: np.ndarray) -> np.ndarray:
 
 def finite_rows(rec: np.ndarray) -> np.ndarray:
     """(I,) bool: every float of the record is finite."""
-    emb = rec["emb"].reshape(len(rec), int(np.prod(rec.dtype["emb"].shape)))  # (I, Q*D)
+    emb = rec["emb"].reshape(len(rec), math.prod(rec.dtype["emb"].shape))  # (I, Q*D)
     nf = _nonfinite(emb)  # (I, Q*D)
     # one reduction over the whole array first: the common answer is "all finite"
     bad = np.asarray(nf.any(axis=1)) if nf.any() else np.zeros(len(rec), bool)  # (I,)
@@ -179,7 +185,7 @@ def decode_items(values: Sequence[bytes | None], dtype: np.dtype) -> DecodedItem
     if len(buf) == n * size and n and min(map(len, values)) == size:  # type: ignore[arg-type]
         # the common case: every value is a record (equal total and equal minimum
         # length: every length equals ``size``)
-        ok, missing, rejected = [True] * n, [], []
+        present, missing, rejected = np.ones(n, bool), [], []
     else:
         lens = [-1 if v is None else len(v) for v in values]
         ok = [x == size for x in lens]
@@ -187,8 +193,8 @@ def decode_items(values: Sequence[bytes | None], dtype: np.dtype) -> DecodedItem
         rejected = [(k, REJECT_SIZE) for k, x in enumerate(lens) if x >= 0 and x != size]
         zero = bytes(size)
         buf = b"".join(v if good else zero for v, good in zip(values, ok, strict=True))  # type: ignore[misc]
+        present = np.asarray(ok, dtype=bool)
     records = np.frombuffer(buf, dtype=dtype, count=n).copy() if n else np.zeros(0, dtype)
-    present = np.asarray(ok, dtype=bool)
     if n:
         fin = finite_rows(records)
         bad = present & ~fin
