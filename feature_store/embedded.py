@@ -60,6 +60,15 @@ def _read(path: Path) -> _Tables:
         return _Tables({k: z[k] for k in z.files})
 
 
+def read_embedded(path: Path | str) -> VersionData:
+    """The version held by an embedded store file, ready for :func:`load_version`
+    (e.g. to put the same features into Redis)."""
+    t = _read(Path(path))
+    ids = list(t.items)
+    records = np.frombuffer(b"".join(t.items[i] for i in ids), t.manifest.dtype()).copy()
+    return VersionData(t.manifest, ids, records, list(t.users), list(t.users.values()))
+
+
 def write_embedded(path: Path | str, data: VersionData) -> None:
     """Write ``data`` to ``path`` atomically after verifying it (LoadError on failure;
     the previous file stays in place)."""

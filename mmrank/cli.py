@@ -160,6 +160,16 @@ def _bench_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.side_by_side import render_markdown, run, write_outputs
+
+    doc = run(args)
+    paths = write_outputs(doc, Path(args.out))
+    sys.stdout.write(render_markdown(doc))
+    log.info("bench: %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from model_export.export import export_run
 
@@ -497,6 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bsv.add_argument("--json", help="also write the results as JSON here")
     bsv.set_defaults(func=_bench_service)
+
+    bb = sub.add_parser("bench", help="model only vs mmrank (ORT, Triton) vs a naive service")
+    for flag, kw in (("--out", {"default": "runs/bench", "help": "bench.json/.md/.png here"}),
+                     ("--k", {"default": "100,500,1000", "help": "candidates per request"}),
+                     ("--n", {"type": int, "default": 50, "help": "history items, at most"}),
+                     ("--zipf", {"type": float, "default": 1.0, "help": "users/items exponent"}),
+                     ("--requests", {"type": int, "default": 200, "help": "distinct per K"}),
+                     ("--seconds", {"type": float, "default": 10.0, "help": "per measurement"}),
+                     ("--fractions", {"default": "0.5,0.8", "help": "of saturation, latency"}),
+                     ("--concurrency", {"type": int, "default": 8}),
+                     ("--threads", {"type": int, "default": 1, "help": "ORT / torch threads"}),
+                     ("--max-batch-rows", {"type": int}), ("--server-cpus", {}),
+                     ("--client-cpus", {}), ("--repo", {}), ("--store", {}), ("--work", {}),
+                     ("--items", {"type": int, "default": 1500}),
+                     ("--users", {"type": int, "default": 1500})):  # fmt: skip
+        bb.add_argument(flag, **kw)
+    bb.add_argument("--no-triton", action="store_true")
+    bb.add_argument("--no-naive", action="store_true")
+    bb.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="world -> model -> export -> embed -> load -> serve")
     d.add_argument("--out", default="runs/demo")

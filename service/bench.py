@@ -19,6 +19,7 @@ Imports torch only to build the model when no ``--repo`` is given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +78,13 @@ class Request:
     feeds: dict[str, np.ndarray]
 
 
-def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
-                  seed: int = 0) -> list[Request]:  # fmt: skip
-    """``count`` requests of users with the longest histories (cut to ``n``), ``k``
-    random candidates each, with the model-only tensors of each."""
+def make_requests(repo: Path, store: Path, k: int, n: int, count: int, seed: int = 0,
+                  zipf: float | None = None) -> list[Request]:  # fmt: skip
+    """``count`` requests, ``k`` distinct candidates each, with the model-only tensors of
+    each (histories cut to ``n``). Without ``zipf``: users with the longest histories,
+    candidates uniform. With ``zipf = a``: users and candidates drawn with probability
+    ~ rank^-a over a random popularity order (DESIGN section 10's request mix: a few
+    users and items are hot, most are rare)."""
     t = _read(store)
     m = open_repository(repo, golden=False).manifest
     ids = list(t.items)
@@ -91,10 +96,17 @@ def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
         users.append((len(hist), u, fields, hist[:n]))
     users.sort(key=lambda x: -x[0])
     rng = np.random.default_rng(seed)
+    k = min(k, len(ids))
+    p_item = p_user = None
+    if zipf is not None:
+        p_item = _zipf(len(ids), zipf)[rng.permutation(len(ids))]
+        p_user = _zipf(len(users), zipf)[rng.permutation(len(users))]
     out = []
     for r in range(count):
-        _, u, fields, hist = users[r % max(1, min(len(users), 200))]
-        c = [ids[j] for j in rng.choice(len(ids), size=min(k, len(ids)), replace=False)]
+        ui = (r % max(1, min(len(users), 200)) if p_user is None
+              else int(rng.choice(len(users), p=p_user)))  # fmt: skip
+        _, u, fields, hist = users[ui]
+        c = [ids[j] for j in rng.choice(len(ids), size=k, replace=False, p=p_item)]
         h = [pos[i] for i in hist]
         cj = [pos[i] for i in c]
         feeds: dict[str, np.ndarray] = {
@@ -109,6 +121,11 @@ def make_requests(repo: Path, store: Path, k: int, n: int, count: int,
         body = json.dumps({"user_id": u, "candidates": c}).encode()
         out.append(Request(u, c, body, feeds))
     return out
+
+
+def _zipf(n: int, a: float) -> np.ndarray:
+    w = np.arange(1, n + 1, dtype=np.float64) ** -a
+    return w / w.sum()
 
 
 def chunks(feeds: dict[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
@@ -234,12 +251,69 @@ async def open_loop(host: str, port: int, reqs: list[Request], rate: float,
         i += 1
     await asyncio.gather(*tasks)
     return {"rate_rps": rate, "p50_ms": 1e3 * statistics.median(lat),
-            "p95_ms": 1e3 * float(np.percentile(lat, 95)), "requests": len(lat),
+            "p95_ms": 1e3 * float(np.percentile(lat, 95)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "requests": len(lat),
             "errors": bad}  # fmt: skip
 
 
 def _pin(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
+
+
+def cpu_set(cpus: str | None) -> set[int] | None:
+    """``"0,1"`` -> {0, 1}; None stays None (no pinning)."""
+    return {int(c) for c in cpus.split(",")} if cpus else None
+
+
+@contextlib.contextmanager
+def pinned(cpus: str | None) -> Iterator[None]:
+    """Run the block (and the processes it starts) on ``cpus``; then restore."""
+    mine = os.sched_getaffinity(0)
+    want = cpu_set(cpus)
+    if want:
+        os.sched_setaffinity(0, want)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, cpus: str | None, env: dict[str, str] | None = None,
+            ready_path: str = "/v2/health/ready", timeout_s: float = 180.0
+            ) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """A server process (``cmd``, pinned to ``cpus``) that answers 200 on
+    ``ready_path`` at ``port`` before the block runs; terminated after it."""
+    import urllib.request
+
+    server = subprocess.Popen([*_pin(cpus), *cmd], env=env)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1):
+                    break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[2:5]} did not become ready") from None
+                time.sleep(0.3)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+
+
+def mmrank_env(threads: int, rows: int, **extra: str) -> dict[str, str]:
+    """``mmrank serve``'s settings for a benchmark: ``threads`` ORT threads, one worker,
+    ``rows`` per batch, a queue and deadline that a saturating load does not hit."""
+    return {**os.environ, "MMRANK_BACKEND__THREADS": str(threads),
+            "MMRANK_BACKEND__WORKERS": "1", "MMRANK_BATCHING__QUEUE_LIMIT": "256",
+            "MMRANK_BATCHING__MAX_BATCH_ROWS": str(rows),
+            "MMRANK_API__DEFAULT_DEADLINE_MS": "10000", **extra}  # fmt: skip
 
 
 def run_bench(args: Any) -> dict[str, Any]:
@@ -250,42 +324,20 @@ def run_bench(args: Any) -> dict[str, Any]:
         repo, store = build_stack(work, args.items, args.users)
     reqs = make_requests(repo, store, args.k, args.n, 200)
     n_real = int(np.median([r.feeds["hist_mask"].shape[1] for r in reqs]))
-    mine = os.sched_getaffinity(0)
-    if args.server_cpus:  # the model alone runs where the server will
-        os.sched_setaffinity(0, {int(c) for c in args.server_cpus.split(",")})
     rows = args.max_batch_rows or BatchingSettings().max_batch_rows
-    model = model_only(repo, reqs, args.threads, args.seconds, rows)
-    os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")} if args.client_cpus
-                         else mine)  # fmt: skip
+    with pinned(args.server_cpus):  # the model alone runs where the server will
+        model = model_only(repo, reqs, args.threads, args.seconds, rows)
     from feature_store.local_redis import free_port
 
     port = free_port()
-    env = {**os.environ, "MMRANK_BACKEND__THREADS": str(args.threads),
-           "MMRANK_BACKEND__WORKERS": "1", "MMRANK_BATCHING__QUEUE_LIMIT": "256",
-           "MMRANK_BATCHING__MAX_BATCH_ROWS": str(rows),
-           "MMRANK_API__DEFAULT_DEADLINE_MS": "10000"}  # fmt: skip
-    cmd = [*_pin(args.server_cpus), sys.executable, "-m", "mmrank.cli", "serve", "--repo",
-           str(repo), "--embedded", str(store), "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(cmd, env=env)
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
-                    break
-            except Exception:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the service did not become ready") from None
-                time.sleep(0.3)
+    cmd = [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), "--embedded",
+           str(store), "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    with pinned(args.client_cpus), serving(cmd, port, args.server_cpus,
+                                           mmrank_env(args.threads, rows)) as server:  # fmt: skip
         sat = asyncio.run(closed_loop("127.0.0.1", port, reqs, args.concurrency, args.seconds,
                                       server.pid))  # fmt: skip
         half = asyncio.run(open_loop("127.0.0.1", port, reqs, sat["throughput_rps"] / 2,
                                      args.seconds))  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(10)
     return {
         "setup": {
             "model": "camenn candidate-isolated d=64",

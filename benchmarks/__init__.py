@@ -1,0 +1,1 @@
+"""Benchmarks that compare mmrank with other ways of serving the same model (``mmrank bench``)."""
