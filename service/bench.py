@@ -167,7 +167,8 @@ def process_cpu_s(pid: int) -> float:
 
 
 class Conn:
-    """One HTTP/1.1 keep-alive connection; ``post`` returns (status, seconds)."""
+    """One HTTP/1.1 keep-alive connection; ``post`` returns (status, seconds). A kept
+    connection the server closed while idle (uvicorn: after 5 s) is reopened once."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -175,19 +176,30 @@ class Conn:
         self.w: asyncio.StreamWriter | None = None
 
     async def post(self, body: bytes) -> tuple[int, float]:
-        if self.w is None:
-            self.r, self.w = await asyncio.open_connection(self.host, self.port)
-        assert self.r is not None
         head = (f"POST /v1/rank HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
                 f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
         t0 = time.perf_counter()
-        self.w.write(head + body)
+        reused = self.w is not None
+        try:
+            status = await self._exchange(head + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not reused:
+                raise
+            self.w = None  # closed by the server while idle: once more on a new connection
+            status = await self._exchange(head + body)
+        return status, time.perf_counter() - t0
+
+    async def _exchange(self, data: bytes) -> int:
+        if self.w is None:
+            self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        assert self.r is not None
+        self.w.write(data)
         raw = await self.r.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
         length = next(int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length"))
         await self.r.readexactly(length)
-        return status, time.perf_counter() - t0
+        return status
 
 
 async def closed_loop(host: str, port: int, reqs: list[Request], conc: int, seconds: float,
