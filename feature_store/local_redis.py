@@ -42,10 +42,13 @@ class LocalRedis:
     """One ``redis-server`` (no persistence) on a free port; ``extra`` are more
     command-line options, e.g. ``["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]``."""
 
-    def __init__(self, extra: list[str] | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, extra: list[str] | None = None, workdir: Path | None = None,
+                 port: int | None = None) -> None:  # fmt: skip
+        """``port``: a given port (e.g. to restart a killed server where clients expect
+        it); default a free one."""
         if shutil.which("redis-server") is None:
             raise FileNotFoundError("redis-server is not on the PATH")
-        self.port = free_port()
+        self.port = port or free_port()
         self._own_dir = workdir is None
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="mmrank-redis-"))
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",

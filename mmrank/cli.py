@@ -133,9 +133,7 @@ def _serve_cmd(args: argparse.Namespace, out: Path) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
+    from service.app import create_app, serve
     from service.settings import Settings
 
     overrides: dict[str, Any] = {"repo": args.repo}
@@ -144,9 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.redis:
         overrides["store"] = {"kind": "cluster" if args.cluster else "redis", "url": args.redis}
     settings = Settings(**overrides)
-    app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False)  # fmt: skip
+    serve(create_app(settings), settings, args.host, args.port, args.log_level)
     return 0
 
 

@@ -5,17 +5,27 @@ closes them on shutdown. Routes (:mod:`service.routes`) fetch them through
 
 Start-up fails (the process exits) when the model repository does not verify; a feature
 store that does not answer yet only keeps the service not ready.
+
+Shutdown (:func:`serve`, :class:`DrainingServer`): on the first SIGTERM/SIGINT readiness
+turns false at once while requests are still accepted for ``shutdown.unready_s``; then
+the listener closes and the requests in flight get the rest of ``shutdown.drain_s`` to
+finish; then the lifespan closes the model and the store. Requests accepted before the
+signal are answered (unless the drain budget runs out). A second signal skips the
+unready phase.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 
 from feature_store.store import FeatureStore
@@ -62,6 +72,7 @@ class Services:
     store: FeatureStore
     models: ModelHolder
     ranking: RankingService
+    draining: bool = False  # set by the first SIGTERM: readiness is false from then on
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
@@ -84,7 +95,7 @@ class Services:
         """(ready, reasons it is not, embedding info): a model is loaded and warm, its
         backend answers, the store answers within its timeout, and its active version
         fits the model."""
-        reasons: list[str] = []
+        reasons: list[str] = ["shutting down"] if self.draining else []
         emb: dict[str, Any] = {"version": None, "compatible": False, "problems": []}
         slot = self.models.current
         timeout = self.settings.store.timeout_ms / 1e3
@@ -146,3 +157,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(HttpMiddleware, api=settings.api, metrics=metrics)
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a readiness-first shutdown (the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
+        super().__init__(config)
+        self.app_ref, self.unready_s = app, settings.shutdown.unready_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self.unready_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        services: Services | None = getattr(self.app_ref.state, "services", None)
+        if services is not None:
+            services.draining = True
+        log.info("signal %d: not ready; closing the listener in %.1fs", sig, self.unready_s)
+        timer = threading.Timer(self.unready_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def serve(app: FastAPI, settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+    """Run ``app`` on uvicorn with the drain of :class:`DrainingServer` (blocks)."""
+    sd = settings.shutdown
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=max(int(sd.drain_s - sd.unready_s), 1))  # fmt: skip
+    DrainingServer(config, app, settings).run()

@@ -175,6 +175,32 @@ class ApiSettings(BaseModel):
     metrics: bool = Field(default=True, description="serve /metrics (Prometheus)")
 
 
+class ShutdownSettings(BaseModel):
+    """What SIGTERM does (``mmrank serve``; :class:`service.app.DrainingServer`). The whole
+    shutdown takes at most ``drain_s`` (+ closing the model), under compose's
+    ``stop_grace_period`` of 45 s."""
+
+    unready_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="first phase: /v2/health/ready answers 503 while requests are still "
+        "accepted and served, so a load balancer stops sending before the listener closes; "
+        "0 = close the listener at once",
+    )
+    drain_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="whole shutdown budget: after unready_s the listener closes and the "
+        "requests in flight get the rest of it to finish; past it they are cancelled",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> ShutdownSettings:
+        if self.unready_s >= self.drain_s:
+            raise ValueError("shutdown.unready_s must be shorter than shutdown.drain_s")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the service needs; see the groups for each value's trade-off."""
 
@@ -192,6 +218,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=lambda: StoreSettings())
     batching: BatchingSettings = Field(default_factory=lambda: BatchingSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    shutdown: ShutdownSettings = Field(default_factory=lambda: ShutdownSettings())
     log_level: str = Field(default="INFO", description="logging level of the service's loggers")
 
     @model_validator(mode="after")
