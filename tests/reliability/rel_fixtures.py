@@ -6,6 +6,7 @@ ranking requests over their ids. Not a conftest (one per tree)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ def version_data(inputs: StackInputs, version: str = "v1") -> VersionData:
     return build_version(load_embeddings(inputs.embeddings), users, version)
 
 
-def loader(data: VersionData):  # type: ignore[no-untyped-def]
+def loader(data: VersionData) -> Callable[[Any], None]:
     def load(client: Any) -> None:
         load_version(client, data, NS, grace_s=0)
 
