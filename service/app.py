@@ -156,7 +156,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
     app.add_middleware(HttpMiddleware, api=settings.api, metrics=metrics)
+    if docs:
+        _document(app, settings)
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"},
+        "request_id": {"type": "string"}}}},
+}  # fmt: skip
+_ERRORS = {  # (path, method): statuses the middleware, auth and handlers can answer
+    ("/v1/rank", "post"): (401, 403, 413, 422, 429, 503, 504),
+    ("/v1/admin/models", "post"): (401, 403, 404, 409, 413, 422, 429, 503),
+    ("/v1/models", "get"): (),
+    ("/v2/health/ready", "get"): (503,),
+    ("/metrics", "get"): (404,),
+}
+
+
+def _document(app: FastAPI, settings: Settings) -> None:
+    """/openapi.json states what the service really answers: every error status with
+    the one error schema, /metrics as text, and the configured limits (candidates per
+    request, id length) in the ranking request's schema."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = base()
+        err = {"application/json": {"schema": ERROR_SCHEMA}}
+        for (path, method), codes in _ERRORS.items():
+            op = spec.get("paths", {}).get(path, {}).get(method)
+            if op is None:
+                continue
+            for code in codes:
+                r = op.setdefault("responses", {}).setdefault(str(code), {"description": "error"})
+                r["content"] = err
+        metrics_ok = (
+            spec["paths"].get("/metrics", {}).get("get", {}).get("responses", {}).get("200")
+        )
+        if metrics_ok is not None:
+            metrics_ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        rank = spec["paths"].get("/v1/rank", {}).get("post", {})
+        body = rank.get("requestBody", {}).get("content", {}).get("application/json", {})
+        props = body.get("schema", {}).get("properties", {})
+        a = settings.api
+        if "user_id" in props:
+            props["user_id"]["maxLength"] = a.max_id_length
+        if "candidates" in props:
+            props["candidates"]["maxItems"] = a.max_candidates
+            props["candidates"]["items"]["maxLength"] = a.max_id_length
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class DrainingServer(uvicorn.Server):

@@ -117,9 +117,14 @@ def error_body(err: ServiceError, request_id: str | None = None) -> dict[str, An
     return {"error": body}
 
 
-def error_response(err: ServiceError, request_id: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(error_body(err, request_id), status_code=err.status, headers=headers)
+def error_response(err: ServiceError, request_id: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    headers = dict(headers or {})
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    return JSONResponse(
+        error_body(err, request_id), status_code=err.status, headers=headers or None
+    )
 
 
 def _request_id(request: Request) -> str | None:
@@ -146,9 +151,12 @@ def install(app: FastAPI, retry_after: int) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": invalid input
+            return error_response(InvalidInput("the body is not valid JSON"), _request_id(request))
         err = ServiceError(str(exc.detail))
         err.status, err.code = exc.status_code, f"http_{exc.status_code}"
-        return error_response(err, _request_id(request))
+        # keeps e.g. the Allow header of a 405 (RFC 9110)
+        return error_response(err, _request_id(request), dict(exc.headers or {}))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -66,6 +66,16 @@ def compatibility(m: Manifest, vm: VersionManifest) -> list[str]:
     return problems
 
 
+def repository_dir(path: str) -> Path | None:
+    """``path`` as a directory, or None when it is not one, also when the path itself
+    is invalid (a component too long, a NUL byte): an admin's bad input, not a 500."""
+    try:
+        root = Path(path)
+        return root if root.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def max_history(settings: Settings, m: Manifest) -> tuple[int, list[int]]:
     """(history items read per user, the padding buckets) for model ``m``."""
     n = settings.batching.max_hist if m.max_hist is None else min(settings.batching.max_hist,
@@ -184,7 +194,7 @@ async def load_slot(settings: Settings, root: Path, metrics: Metrics | None) -> 
         raise
     b = settings.batching
     batcher = Batcher(backend, max_batch_rows=b.max_batch_rows, max_delay_s=b.max_delay_ms / 1e3,
-                      queue_limit=b.queue_limit, hist_buckets=buckets,
+                      queue_limit=b.queue_limit, hist_buckets=buckets, fill=b.fill_batches,
                       workers=settings.backend.workers,
                       timeout_s=settings.backend.timeout_ms / 1e3,
                       retry_after_s=settings.api.retry_after_s, metrics=metrics)  # fmt: skip

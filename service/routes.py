@@ -3,7 +3,6 @@ call them, return; errors are raised and mapped in :mod:`service.errors`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.app import Services
 from service.errors import Forbidden, NotFound, Unavailable
 from service.http import check_key, deadline_of, until_disconnect
+from service.models import repository_dir
 from service.schemas import RankRequest, RankResponse, SwapRequest, parse_rank_request
 
 router = APIRouter()
@@ -95,9 +95,9 @@ async def models(svc: ServicesDep) -> dict[str, Any]:
 async def swap_model(body: SwapRequest, svc: ServicesDep) -> dict[str, Any]:
     """Load, verify, warm and swap in the model repository at ``repo``; on any failure
     the current model keeps serving (409 / 422 with the reason)."""
-    root = Path(body.repo)
-    if not root.is_dir():
-        raise NotFound(f"no model repository at {body.repo}")
+    root = repository_dir(body.repo)
+    if root is None:
+        raise NotFound("no model repository at that path")
     try:
         active = await svc.store.manifest()
     except Exception:  # the check below refuses the swap with this reason
