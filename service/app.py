@@ -179,13 +179,13 @@ _ERRORS = {  # (path, method): statuses the middleware, auth and handlers can an
 
 def _document(app: FastAPI, settings: Settings) -> None:
     """/openapi.json states what the service really answers: every error status with
-    the one error schema, /metrics as text, and the configured limits (candidates per
-    request, id length) in the ranking request's schema."""
+    the one error schema, /metrics as text, the configured limits (candidates per
+    request, id length) and the served model's context fields in the ranking request's
+    schema."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
+        app.openapi_schema = None  # rebuilt per call: the context fields follow the model
         spec = base()
         err = {"application/json": {"schema": ERROR_SCHEMA}}
         for (path, method), codes in _ERRORS.items():
@@ -209,7 +209,11 @@ def _document(app: FastAPI, settings: Settings) -> None:
         if "candidates" in props:
             props["candidates"]["maxItems"] = a.max_candidates
             props["candidates"]["items"]["maxLength"] = a.max_id_length
-        app.openapi_schema = spec
+        services: Services | None = getattr(app.state, "services", None)
+        slot = services.models.current if services is not None else None
+        if "context" in props and slot is not None:
+            names = [f.name for f in slot.manifest.user_fields if f.name != "user_id"]
+            props["context"]["propertyNames"] = {"enum": names}
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]

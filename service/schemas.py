@@ -16,11 +16,20 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+)
 
 ID_PATTERN = r"^[!-~]+$"
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=ID_PATTERN)]
-ContextValue = Annotated[str, StringConstraints(max_length=256)] | int | bool
+# strict: a string too long for the str branch must not be coerced to an int instead
+ContextValue = Annotated[str, StringConstraints(max_length=256)] | StrictInt | StrictBool
 
 
 class RankRequest(BaseModel):
