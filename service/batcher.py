@@ -11,9 +11,11 @@ fetched) while this one is scored.
 
 Guarantees:
 
-- a batch holds at least one row and at most ``max_batch_rows``; a request larger than
-  the room left is split (the rest goes into the next batches) and its scores are
-  merged back in candidate order; one request is scored by one backend only;
+- a batch holds at least one row and at most ``max_batch_rows``; with ``fill`` a
+  request larger than the room left is split (the rest goes into the next batches);
+  without it only a request larger than a whole batch is split, and a batch closes
+  when the next request does not fit. Split scores are merged back in candidate
+  order; one request is scored by one backend only;
 - the queue holds at most ``queue_limit`` requests: :meth:`Batcher.submit` refuses
   the next one at once with :class:`~service.errors.Overloaded` (429);
 - a job whose deadline passed gets :class:`~service.errors.DeadlineExceeded` without
@@ -80,9 +82,11 @@ class Batcher:
         timeout_s: float,
         retry_after_s: int,
         metrics: Metrics | None = None,
+        fill: bool = True,
     ) -> None:
         self.backend = backend
         self.max_batch_rows = max_batch_rows
+        self.fill = fill
         self.max_delay_s = max_delay_s
         self.queue_limit = queue_limit
         self.hist_buckets = list(hist_buckets)
@@ -197,7 +201,10 @@ class Batcher:
                 if job.future.done() or time.monotonic() >= job.deadline:
                     self._drop_dead()
                     continue
-                take = min(job.rows - job.taken, room)
+                left = job.rows - job.taken
+                if out and not self.fill and left > room:
+                    break  # the next request waits for a batch of its own
+                take = min(left, room)
                 piece = Piece(job.user, job.cand_emb, job.cand_sparse, job.taken, job.taken + take)
                 out.append((job, piece))
                 job.taken += take

@@ -103,6 +103,15 @@ class BatchingSettings(BaseModel):
         "CameNN on 1 ORT thread, 250-row calls cost 6% less per row than 500-row calls and "
         "16% less than 1000-row ones; on a GPU raise it (thousands of rows)",
     )
+    fill_batches: bool = Field(
+        default=False,
+        description="true: split requests at the batch boundary so that every batch but "
+        "the last holds max_batch_rows (fewest calls; for GPUs, where a call costs more "
+        "than rows do); false: split only a request larger than max_batch_rows and close a "
+        "batch when the next request does not fit. Measured on CPU (K=500, 256 rows): "
+        "filling puts a request's last rows into the next user's batch, whose history is "
+        "then padded to the longer of the two: ~5% more inference work",
+    )
     max_delay_ms: float = Field(
         default=0.0,
         ge=0,
@@ -117,9 +126,13 @@ class BatchingSettings(BaseModel):
         description="requests waiting for inference; one more is refused at once with 429",
     )
     hist_buckets: list[int] = Field(
-        default_factory=lambda: [8, 16, 32, 50],
+        default_factory=lambda: [8, 16, 24, 32, 40, 48],
         description="history lengths the batch's history axis is padded to (the smallest "
-        "one that fits the longest history); each is warmed before the service is ready",
+        "one that fits the longest history); each is warmed before the service is ready. "
+        "Inference work grows with the padded length: measured on CPU with Zipf users "
+        "(mean history 34), steps of 8 cost 6% less than 8/16/32/50; each bucket is one "
+        "more shape for the backend (free on ONNX Runtime CPU, an engine profile on "
+        "TensorRT)",
     )
     max_hist: int = Field(
         default=50, ge=0, description="history items read per user (the model's own limit caps it)"

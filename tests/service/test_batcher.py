@@ -68,6 +68,32 @@ def test_split_merge_and_padding(w: World) -> None:
     asyncio.run(go())
 
 
+def test_without_fill_only_oversized_requests_are_split(w: World) -> None:
+    sess = open_repository(w.repo_a, golden=False).session("ranker")
+    users = w.data.user_ids[:4]
+    cands = w.data.item_ids[:300]
+
+    async def go() -> None:
+        m = Metrics()
+        b = _batcher(w, m, fill=False, max_delay_s=0.2)  # the four requests queue together
+        b.start()
+        sizes = (100, 200, 300, 50)
+        jobs = [_job(w, u, cands[:k]) for u, k in zip(users, sizes, strict=True)]
+        got = await asyncio.gather(*(b.submit(j) for j in jobs))
+        for u, g, k in zip(users, got, sizes, strict=True):
+            want = sess.run(["cvr"], direct_feeds(w, u, cands[:k]))[0]
+            np.testing.assert_allclose(g, want, atol=1e-6)
+        rows = next(iter(m.batch_rows.collect())).samples
+        total = next(s.value for s in rows if s.name.endswith("_sum"))
+        calls = next(s.value for s in rows if s.name.endswith("_count"))
+        # 100 | 200 | 256 of 300 | its last 44 + 50: a request goes whole into a batch
+        # unless it alone is larger than one
+        assert total == 650 and calls == 4
+        await b.close()
+
+    asyncio.run(go())
+
+
 def test_failure_reaches_every_request_and_cancelled_are_skipped(w: World) -> None:
     cands = w.data.item_ids[:20]
 
