@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends.base import Backend, BackendError
+from service.backends.base import Backend, BackendError, BackendUnavailable
 from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
 from service.tensors import Piece, UserSide, assemble
@@ -235,8 +235,10 @@ class Batcher:
                 out = np.asarray(out, dtype=np.float32).reshape(-1)
                 if out.shape != (b,):
                     raise BackendError(f"backend returned {out.shape[0]} scores for {b} rows")
-            except TimeoutError:
-                raise BackendError(f"inference took longer than {self.timeout_s:g}s") from None
+            except TimeoutError:  # a frozen or swamped backend: 503 + Retry-After, not a 500
+                raise BackendUnavailable(
+                    f"inference took longer than {self.timeout_s:g}s"
+                ) from None
         except BaseException as exc:
             log.warning("batch of %d requests failed: %s", len(jobs), exc)
             if self.metrics:
