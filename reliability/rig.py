@@ -100,8 +100,12 @@ class Rig:
 
     def __init__(self, repo: Path, load: Loader, env: dict[str, str] | None = None,
                  server_cpus: str | None = None, workdir: Path | None = None,
-                 log_level: str = "info") -> None:  # fmt: skip
-        self.repo, self.load, self.env = repo, load, env or {}
+                 log_level: str = "info", triton: bool = False) -> None:  # fmt: skip
+        """``triton``: the service scores on a local ``tritonserver`` (the Python-backend
+        repository of :mod:`service.triton_repo`) instead of in-process ONNX Runtime."""
+        self.repo, self.load, self.env = repo, load, dict(env or {})
+        self.use_triton = triton
+        self.triton: Any = None
         self.server_cpus, self.log_level = server_cpus, log_level
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="mmrank-rel-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +121,24 @@ class Rig:
             self.redis = LocalRedis(self._redis_args())
             self._load()
             self.proxy = DelayProxy("127.0.0.1", self.redis.port).start()
+            if self.use_triton:
+                self._start_triton()
             self.service = ServiceProcess(self.repo, self.proxy.url, self.dir / "service.log",
                                           self.env, self.server_cpus, self.log_level).start()  # fmt: skip
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_triton(self) -> None:
+        from service.triton_local import LocalTriton, ensure_triton
+        from service.triton_repo import build_triton_repository
+
+        models = self.dir / "triton-models"
+        build_triton_repository(self.repo, models)
+        self.triton = LocalTriton(models, install=ensure_triton(), exit_timeout_s=1)
+        self.env |= {"MMRANK_BACKEND__KIND": "triton",
+                     "MMRANK_BACKEND__TRITON_URL": self.triton.grpc_url}  # fmt: skip
 
     def _load(self) -> None:
         assert self.redis is not None
@@ -178,9 +194,25 @@ class Rig:
         assert self.proxy is not None
         self.proxy.delay_ms = delay_ms
 
+    def triton_kill(self) -> None:
+        self.triton.kill()
+
+    def triton_start(self) -> None:
+        """Start the killed Triton again on its ports; returns once its model is ready."""
+        self.triton.start()
+
+    def triton_pause(self) -> None:
+        self.triton.pause()
+
+    def triton_resume(self) -> None:
+        self.triton.resume()
+
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop()
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
         if self.proxy is not None:
             self.proxy.stop()
             self.proxy = None

@@ -66,6 +66,14 @@ def redis_faults(fault_s: float, slow_ms: float = 200.0) -> dict[str, Fault]:
     }
 
 
+def triton_faults() -> dict[str, Fault]:
+    """Triton as the backend: SIGKILL then started again on its ports; SIGSTOP/SIGCONT."""
+    return {
+        "triton-kill": Fault("triton-kill", Rig.triton_kill, Rig.triton_start),
+        "triton-stop": Fault("triton-stop", Rig.triton_pause, Rig.triton_resume),
+    }
+
+
 # -- judging -----------------------------------------------------------------------------
 
 
