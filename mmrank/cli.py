@@ -534,8 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     from deploy.commands import register  # stack, loadtest (deploy/)
+    from reliability.commands import register as register_reliability  # faults, overload, soak
 
     register(sub)
+    register_reliability(sub)
     return p
 
 
