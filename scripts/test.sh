@@ -6,4 +6,5 @@ scripts/setup.sh train,dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy .
+scripts/security.sh  # bandit (fails on findings), pip-audit (reports; needs the network)
 exec .venv/bin/python -m pytest "$@"
