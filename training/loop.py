@@ -204,6 +204,20 @@ def fit(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors, s: Tr
             "train_seconds": time.perf_counter() - state.start}  # fmt: skip
 
 
+def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimiser groups: the item tower at ``lr`` x the
+    config's ``tower_lr_mult`` (1 when the model has none), everything else at ``lr``."""
+    mult = float(getattr(getattr(model, "cfg", None), "tower_lr_mult", 1.0))
+    tower = getattr(model, "tower", None)
+    tower_ids = {id(p) for p in tower.parameters()} if isinstance(tower, nn.Module) else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) in tower_ids], "lr": lr * mult},
+        {"params": [p for p in trainable if id(p) not in tower_ids], "lr": lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 @dataclass
 class _FitState:
     gen: torch.Generator
@@ -217,8 +231,7 @@ class _FitState:
 def _run_stage(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors,
                s: TrainSettings, st: _FitState, stage: int, epochs: int, hist_len: int
                ) -> None:  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, s.lr), betas=s.betas, weight_decay=s.weight_decay)
     n_batches = math.ceil(len(train.label) / s.cands_per_batch)
     bad = 0
     model.train()
