@@ -219,7 +219,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     o = rs.add_parser("overload", help="saturation, then 1x / 2x / 5x of it, judged")
     _common(o)
     o.add_argument("--seconds", type=float, default=20.0, help="per step (and for saturation)")
-    o.add_argument("--concurrency", type=int, default=8, help="closed-loop clients for saturation")
+    o.add_argument("--concurrency", type=int, default=4,
+                   help="closed-loop clients for saturation (keep it <= api.max_in_flight)")  # fmt: skip
     o.add_argument("--factors", default="1,2,5", help="offered load as multiples of saturation")
     o.set_defaults(func=_overload)
 

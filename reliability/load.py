@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 import orjson
 
 RANK = "/v1/rank"
+_VERSION = re.compile(rb'"embedding_version":"([^"]*)"')
 DEADLINE_HEADER = "x-mmrank-deadline-ms"
 
 
@@ -151,6 +153,11 @@ async def send_one(client: HttpClient, src: RequestSource, tag: int, deadline_ms
         return Outcome(t0, time.monotonic() - t0, 0, tag, error_code=type(exc).__name__)
     took = time.monotonic() - t0
     out = Outcome(t0, took, status, tag, retry_after="retry-after" in headers)
+    if status == 200 and not keep_items:  # the hot case: no full parse (client CPU)
+        out.degraded = b'"degraded":true' in payload
+        m = _VERSION.search(payload)
+        out.version = m.group(1).decode() if m else None
+        return out
     try:
         obj = orjson.loads(payload) if payload else {}
     except orjson.JSONDecodeError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -191,6 +192,7 @@ class Step:
     rejected_with_retry_after: float  # share of 429s carrying Retry-After
     client_drops: int
     rss_mb: float
+    no_answer: dict[str, int] = field(default_factory=dict)  # status 0 by client exception
 
 
 def summarize_step(factor: float, offered: float, seconds: float, outs: Sequence[Outcome],
@@ -202,7 +204,8 @@ def summarize_step(factor: float, offered: float, seconds: float, outs: Sequence
     return Step(factor, offered, seconds, status_counts(outs), len(good) / seconds, pct(acc, 50),
                 pct(acc, 99), pct([o.took for o in rej], 99),
                 (sum(o.retry_after for o in rej) / len(rej)) if rej else 1.0,
-                len(outs) - len(sent), rss / 2**20)  # fmt: skip
+                len(outs) - len(sent), rss / 2**20,
+                dict(Counter(str(o.error_code) for o in sent if o.status == 0)))  # fmt: skip
 
 
 async def saturation(host: str, port: int, src: RequestSource, seconds: float,

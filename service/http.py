@@ -4,6 +4,11 @@ metrics), authentication, the deadline header and the client-disconnect watch.
 FastAPI does not cap request bodies: :class:`HttpMiddleware` reads the body first, up to
 ``api.max_body_bytes`` (a larger ``Content-Length`` is refused before anything is read),
 answers 413 in the common error schema past it, and replays the body to the app.
+
+Admission: at most ``api.max_in_flight`` ranking requests are handled at once; one more
+is answered 429 with Retry-After at once, before its body is read (the batcher's queue
+limit applies later, after the feature read; this bound keeps refusals cheap under
+overload and the work in progress, hence memory and accepted latency, bounded).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from service.errors import (
     ClientGone,
     Forbidden,
     InvalidInput,
+    Overloaded,
     Unauthenticated,
     error_response,
 )
@@ -39,6 +45,8 @@ class HttpMiddleware:
         self.app = app
         self.limit = api.max_body_bytes
         self.metrics = metrics
+        self.max_in_flight, self.retry_after = api.max_in_flight, api.retry_after_s
+        self.in_flight = 0  # ranking requests being handled (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,6 +59,22 @@ class HttpMiddleware:
         state["started"], state["request_id"] = started, rid
         ranking = scope["path"] == RANK_PATH
         status = [0]
+        if ranking and self.in_flight >= self.max_in_flight:
+            self.metrics.rejected("in_flight")
+            self.metrics.outcome(429)
+            err = Overloaded("too many requests in flight", retry_after=self.retry_after)
+            await error_response(err, rid)(scope, receive, send)
+            return
+        if ranking:
+            self.in_flight += 1
+        try:
+            await self._handle(scope, receive, send, headers, rid, ranking, started, status)
+        finally:
+            if ranking:
+                self.in_flight -= 1
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                      rid: str | None, ranking: bool, started: float, status: list[int]) -> None:  # fmt: skip
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":

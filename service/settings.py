@@ -159,6 +159,15 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="request body limit; larger bodies get 413"
     )
+    max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="ranking requests handled at once (parsing, features, queue, inference); "
+        "one more is answered 429 + Retry-After at once, before its body is read, so that "
+        "overload costs almost nothing per refused request and accepted ones keep their "
+        "latency. The default only bounds memory; for latency under overload size it near "
+        "saturation throughput x target latency (mmrank reliability overload measures it)",
+    )
     default_deadline_ms: float = Field(
         default=1000.0, gt=0, description="deadline of a request that sends no deadline header"
     )
