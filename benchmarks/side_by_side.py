@@ -235,6 +235,11 @@ def run(args: Any) -> dict[str, Any]:
     }
 
 
+def _tp(sat: dict[str, Any]) -> str:
+    errors = sat.get("errors", 0)
+    return f"{sat['throughput_rps']:.1f}" + (f" ({errors} errors)" if errors else "")
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """The tables of ``doc`` (:func:`run`'s result)."""
     m, s, res = doc["machine"], doc["setup"], doc["results"]
@@ -247,15 +252,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{', '.join(m['gpu_providers']) or 'none'}; load average before "
         f"{m['load_average_before'][0]:.2f}, after {m['load_average_after'][0]:.2f}.",
         "",
-        "Throughput at saturation (req/s):",
+        "Throughput at saturation (req/s answered 200; errors are not counted):",
         "",
         "| K | " + " | ".join(LABELS[x] for x in SYSTEMS) + " | mmrank / ceiling | "
         "mmrank / ceiling, CPU per request | Triton / ceiling | mmrank / naive |",
         "|---" * (len(SYSTEMS) + 5) + "|",
     ]
     for k in map(str, s["k"]):
-        cells = [f"{res[x][k]['saturation']['throughput_rps']:.1f}" if k in res[x] else "–"
-                 for x in SYSTEMS]  # fmt: skip
+        cells = [_tp(res[x][k]["saturation"]) if k in res[x] else "–" for x in SYSTEMS]
         r = doc["ratios"][k]
         ratio = [f"{r[x]:.2f}" if x in r else "–"
                  for x in ("mmrank/ceiling", "mmrank/ceiling_cpu", "mmrank_triton/ceiling",
