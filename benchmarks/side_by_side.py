@@ -179,9 +179,13 @@ def run(args: Any) -> dict[str, Any]:
                             continue
                         env |= {"MMRANK_BACKEND__KIND": "triton",
                                 "MMRANK_BACKEND__TRITON_URL": url}  # fmt: skip
-                server = sys_stack.enter_context(
-                    serving(cmd, port, args.server_cpus, env, ready_path=ready)
-                )
+                try:
+                    server = sys_stack.enter_context(
+                        serving(cmd, port, args.server_cpus, env, ready_path=ready)
+                    )
+                except RuntimeError as exc:  # it did not start: say so, measure the rest
+                    skipped[name] = str(exc)
+                    continue
                 scores[name] = _scores(port, reqs[ks[0]][0])
                 pid = server.pid if name != "mmrank_triton" else None  # Triton's CPU is elsewhere
                 for k in ks:
