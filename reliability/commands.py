@@ -161,12 +161,11 @@ def _soak(args: argparse.Namespace) -> int:
              f"CLIENT PAUSE {args.pause_ms} ms every {args.pause_every_s:g}s")  # fmt: skip
         windows = asyncio.run(soak(rig, src, rate, seconds, args.pause_every_s, args.pause_ms,
                                    args.window_s, args.deadline_ms))  # fmt: skip
-    _say("| from s | requests | errors | p99 ms | RSS MB | Redis pause |")
-    _say("|---|---|---|---|---|---|")
+    _say("| from s | requests | errors | p99 ms | RSS MB | Redis pause | answers |")
+    _say("|---|---|---|---|---|---|---|")
     for w in windows:
-        _say(
-            f"| {w.start_s:.0f} | {w.requests} | {w.errors} | {w.p99_ms:.1f} | {w.rss_mb:.0f} | {w.paused} |"
-        )
+        _say(f"| {w.start_s:.0f} | {w.requests} | {w.errors} | {w.p99_ms:.1f} | {w.rss_mb:.0f} | "
+             f"{w.paused} | {w.statuses} |")  # fmt: skip
     total = sum(w.requests for w in windows)
     errors = sum(w.errors for w in windows)
     quiet = [w for w in windows if not w.paused] or windows

@@ -269,6 +269,7 @@ class SoakWindow:
     p99_ms: float
     rss_mb: float
     paused: bool  # a Redis pause fell in this window
+    statuses: dict[int, int] = field(default_factory=dict)
 
 
 async def soak(rig: Rig, src: RequestSource, rate: float, seconds: float, pause_every_s: float,
@@ -310,5 +311,5 @@ async def soak(rig: Rig, src: RequestSource, rate: float, seconds: float, pause_
         mem = [r for t, r in rss if a <= t < b] or [rss_bytes(pid)]
         windows.append(SoakWindow(a, len(w), sum(not (o.ok and o.took * 1e3 <= deadline_ms) for o in w),
                                   pct([o.took for o in w if o.status == 200], 99), max(mem) / 2**20,
-                                  any(a - 1.0 <= p < b for p in pauses)))  # fmt: skip
+                                  any(a - 1.0 <= p < b for p in pauses), status_counts(w)))  # fmt: skip
     return windows
