@@ -110,8 +110,8 @@ def _triton(repo: Path, work: Path, threads: int, cpus: str | None) -> Iterator[
     from service.triton_repo import build_triton_repository
 
     install = ensure_triton()
-    models = build_triton_repository(repo, work / "triton_models", instances=1,
-                                     threads=threads, max_queue_size=None)  # fmt: skip
+    models = build_triton_repository(repo, Path(tempfile.mkdtemp(prefix="triton-", dir=work)),
+                                     instances=1, threads=threads, max_queue_size=None)  # fmt: skip
     with pinned(cpus):  # the server and its Python-backend stubs inherit the CPU set
         server = LocalTriton(models, install=install)
     try:
