@@ -66,6 +66,8 @@ LABELS = {
     "mmrank_triton": "mmrank (Triton backend)",
     "naive": "naive (FastAPI + torch eager + GET per key)",
 }
+COLORS = {"ceiling": "tab:blue", "mmrank": "tab:orange", "mmrank_triton": "tab:green",
+          "naive": "tab:red"}  # fmt: skip
 NAMESPACE = "mmrank"
 NOT_GPU = ("CPUExecutionProvider", "AzureExecutionProvider")  # AzureEP: remote calls, no device
 
@@ -308,7 +310,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         got = [k for k in ks if k in res[x]]
         if got:
             a.plot([int(k) for k in got], [res[x][k]["saturation"]["throughput_rps"] for k in got],
-                   marker="o", label=LABELS[x])  # fmt: skip
+                   marker="o", color=COLORS[x], label=LABELS[x])  # fmt: skip
     a.set(xlabel="candidates per request (K)", ylabel="requests/s at saturation", yscale="log",
           xscale="log", title="Throughput at saturation")  # fmt: skip
     a.legend(fontsize=8)
@@ -317,10 +319,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         if k in res[x]:
             loads = res[x][k]["loads"]
             rate = [ld["rate_rps"] for ld in loads]
-            (line,) = b.plot(rate, [ld["p50_ms"] for ld in loads], marker="o",
-                             label=f"{LABELS[x]} p50")  # fmt: skip
+            b.plot(rate, [ld["p50_ms"] for ld in loads], marker="o", color=COLORS[x],
+                   label=f"{LABELS[x]} p50")  # fmt: skip
             b.plot(rate, [ld["p99_ms"] for ld in loads], marker="^", linestyle="--",
-                   color=line.get_color(), label=f"{LABELS[x]} p99")  # fmt: skip
+                   color=COLORS[x], label=f"{LABELS[x]} p99")  # fmt: skip
     b.set(xlabel="offered load (requests/s)", ylabel="latency (ms)", yscale="log",
           xscale="log", title=f"Latency at fractions of saturation, K={k}")  # fmt: skip
     b.legend(fontsize=7)
