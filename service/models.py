@@ -85,7 +85,18 @@ def max_history(settings: Settings, m: Manifest) -> tuple[int, list[int]]:
 
 
 def build_backend(settings: Settings, repo: ModelRepository) -> Backend:
-    """The backend named by ``settings.backend.kind`` (imported only when chosen)."""
+    """The backend named by ``settings.backend.kind`` (imported only when chosen),
+    behind a circuit breaker (:mod:`service.backends.breaker`) unless it is disabled."""
+    from service.backends.breaker import BreakerBackend
+
+    inner = _build_backend(settings, repo)
+    b = settings.backend
+    if b.breaker_open_ms <= 0:
+        return inner
+    return BreakerBackend(inner, 0.95 * b.timeout_ms / 1e3, b.breaker_open_ms / 1e3)
+
+
+def _build_backend(settings: Settings, repo: ModelRepository) -> Backend:
     b = settings.backend
     if b.kind == "onnxruntime":
         from service.backends.onnxruntime import OnnxRuntimeBackend

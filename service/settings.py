@@ -49,6 +49,13 @@ class BackendSettings(BaseModel):
     timeout_ms: float = Field(
         default=5000.0, gt=0, description="longest one inference call may take before it is failed"
     )
+    breaker_open_ms: float = Field(
+        default=500.0,
+        ge=0,
+        description="after the backend is unreachable or a call times out, calls fail at once "
+        "(503) for this long, then one goes through again; 0 = no circuit breaker. Short: "
+        "quick recovery; long: fewer calls spent on a backend that is still down",
+    )
 
 
 class StoreSettings(BaseModel):

@@ -3,7 +3,9 @@
 deadline as 200 or 503 + Retry-After, full rankings back to >= 99 % within 5 s after
 Triton is back, no service restart). The backend call timeout is set below the request
 deadline (``MMRANK_BACKEND__TIMEOUT_MS``), so a frozen Triton fails the call as 503
-before the request's deadline would make it a 504. Skipped, visibly, where the Triton
+before the request's deadline would make it a 504, and the circuit breaker
+(``service.backends.breaker``) fails the batches queued behind a frozen call at once
+(without it they wait out their deadlines: 504s). Skipped, visibly, where the Triton
 venv cannot be built."""
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from reliability.scenarios import run_fault, triton_faults
 from service.triton_local import TritonSetupError, ensure_triton
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
-ENV = {"MMRANK_BACKEND__TIMEOUT_MS": "400", "MMRANK_BACKEND__WORKERS": "2"}
+ENV = {"MMRANK_BACKEND__TIMEOUT_MS": "400"}  # one worker: batches queue behind a frozen call
 
 
 @pytest.fixture(scope="module")
