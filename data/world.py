@@ -78,6 +78,7 @@ class WorldConfig:
     word_cohesion: float = 0.7  # cosine of a category/style word to its group's direction
     token_noise: float = 0.5  # per-token noise (word vectors have norm ~2.8)
     patch_noise: float = 0.7  # per-patch noise
+    shape_cohesion: float = 0.7  # cosine of a category's patch features to its common direction
     mismatch_rate: float = 0.10  # planted text/image mismatch (dirty listings)
     no_image_rate: float = 0.05  # listings without a photo (masked)
     no_text_rate: float = 0.02  # listings without a description (masked)
@@ -129,12 +130,10 @@ class _Generator:
         self.premium_words = _words(rng, 6, c.text_dim)
         self.budget_words = _words(rng, 6, c.text_dim)
         self.filler_words = _words(rng, 300, c.text_dim)
-        # visual prototypes: a shape per category (per patch), a colour per style
+        # visual prototypes: a shape per category (per patch, sharing the object's
+        # direction, as CNN features of one object do), a colour per style
         self.cat_shapes = (
-            _words(rng, c.n_categories * c.n_patches, c.image_dim).reshape(
-                c.n_categories, c.n_patches, -1
-            )
-            * 0.8
+            _related_words(rng, c.n_categories, c.n_patches, c.image_dim, c.shape_cohesion) * 0.8
         )
         self.style_colours = _words(rng, c.n_styles, c.image_dim) * 0.6
         self.quality_dir = _words(rng, 1, c.image_dim)[0] * 0.5
