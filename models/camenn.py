@@ -51,6 +51,10 @@ class CameNNConfig:
     # the history/candidate match needs; at 0.1 it keeps it (0.08) and validation AUC
     # after one epoch goes 0.62 -> 0.70.
     tower_lr_mult: float = 0.1
+    # the item embedding is LN([CLS] output + the masked mean of the projected input
+    # tokens). Measured: a ranker on fixed mean-pooled content beats the trained [CLS]
+    # (0.79 vs 0.75 test AUC); the pooled path keeps that content from the first step.
+    pooled_residual: bool = True
 
     @property
     def q(self) -> int:
@@ -80,6 +84,7 @@ class CameNNItemTower(nn.Module):
         self.ita = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.tia = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.max_text_len = cfg.max_text_len
+        self.pooled_residual = cfg.pooled_residual
 
     def forward(
         self,
@@ -92,15 +97,9 @@ class CameNNItemTower(nn.Module):
         p = image.shape[1]  # (I, P, Di)
         text_mask, image_mask = content_tokens(text, text_len, image, has_image)
         special = text_mask.new_ones((n, 1))  # (I, 1) CLS / SEP always real
-        x = torch.cat(
-            [
-                self.cls.expand(n, 1, -1),
-                self.text_in(text),  # (I, Lt, d)
-                self.sep.expand(n, 1, -1),
-                self.image_in(image),  # (I, P, d)
-            ],
-            dim=1,
-        )  # (I, T = Lt + P + 2, d)
+        t_in, i_in = self.text_in(text), self.image_in(image)  # (I, Lt, d), (I, P, d)
+        x = torch.cat([self.cls.expand(n, 1, -1), t_in, self.sep.expand(n, 1, -1), i_in], dim=1)
+        # (I, T = Lt + P + 2, d)
         # positions do not depend on how far the text is padded: CLS 0, text 1..Lt,
         # SEP max_text_len + 1, patches after it; otherwise the same item would get a
         # different embedding in every batch, and the heads could read the padding
@@ -112,7 +111,12 @@ class CameNNItemTower(nn.Module):
         mask = torch.cat([special, text_mask, special, image_mask], dim=1)  # (I, T)
         for block in self.blocks:
             x = block(x, mask)
-        cls = self.ln_f(x[:, 0])  # (I, d)
+        cls = x[:, 0]  # (I, d)
+        if self.pooled_residual:
+            w = torch.cat([text_mask, image_mask], dim=1).to(x.dtype)[..., None]  # (I, Lt+P, 1)
+            pooled = (torch.cat([t_in, i_in], dim=1) * w).sum(1) / w.sum(1).clamp(min=1.0)
+            cls = cls + pooled  # (I, d)
+        cls = self.ln_f(cls)
         return cls[:, None, :], self.ita(cls)[:, 0], self.tia(cls)[:, 0]
 
 

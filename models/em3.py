@@ -58,6 +58,9 @@ class EM3Config:
     cic_temperature: float = 0.1  # paper: 0.1
     dnn_hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.1
+    # the item embedding adds the masked mean of the projected input tokens to each
+    # query output before the final LayerNorm (as in CameNN's tower; see camenn.py)
+    pooled_residual: bool = True
 
     @property
     def q(self) -> int:
@@ -84,6 +87,7 @@ class FQFormer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.n_query = cfg.n_query
+        self.pooled_residual = cfg.pooled_residual
 
     def forward(
         self,
@@ -95,11 +99,12 @@ class FQFormer(nn.Module):
         n, lt, _ = text.shape  # (I, Lt, Dt)
         p, q = image.shape[1], self.n_query
         text_mask, image_mask = content_tokens(text, text_len, image, has_image)
+        i_in, t_in = self.image_in(image), self.text_in(text)  # (I, P, d), (I, Lt, d)
         x = torch.cat(
             [
                 self.queries.expand(n, -1, -1) + self.kind.weight[0],  # (I, Q, d)
-                self.image_in(image) + self.kind.weight[1],  # (I, P, d)
-                self.text_in(text) + self.kind.weight[2],  # (I, Lt, d)
+                i_in + self.kind.weight[1],
+                t_in + self.kind.weight[2],
             ],
             dim=1,
         )
@@ -107,7 +112,12 @@ class FQFormer(nn.Module):
         mask = torch.cat([text_mask.new_ones((n, q)), image_mask, text_mask], 1)
         for block in self.blocks:
             x = block(x, mask)
-        return self.ln_f(x[:, :q])  # (I, Q, D)
+        out = x[:, :q]  # (I, Q, d)
+        if self.pooled_residual:
+            w = torch.cat([image_mask, text_mask], dim=1).to(x.dtype)[..., None]  # (I, P+Lt, 1)
+            pooled = (torch.cat([i_in, t_in], dim=1) * w).sum(1) / w.sum(1).clamp(min=1.0)
+            out = out + pooled[:, None, :]
+        return self.ln_f(out)  # (I, Q, D)
 
 
 class EM3Ranker(nn.Module):
