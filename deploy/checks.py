@@ -34,7 +34,9 @@ import yaml
 from deploy.stack import DEFAULT_DIR, READY_PATH, REDIS_POLICY, SERVICE_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+# the official Compose JSON schema (compose-spec repository, Apache-2.0), vendored from
+# ../shared/schemas/ so the checks run wherever the repository is checked out
+SCHEMA = ROOT / "deploy" / "compose-spec.json"
 MMRANK_SERVICES = ("loader", "ranker")  # services running the mmrank image
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 

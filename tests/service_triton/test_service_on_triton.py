@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,7 +103,14 @@ def test_queue_full_429_kill_503_restart_200(w: World, server: LocalTriton) -> N
             r = await c.post("/v1/rank", json=body)
             assert r.status_code == 503 and r.headers["retry-after"], r.text
             await asyncio.to_thread(server.start)
+            # back within 5 s of Triton being ready (issue 7's rule): the first call may
+            # still meet the circuit breaker or a reconnecting channel, never a 5xx but 503
+            stop = time.monotonic() + 5.0
             r = await c.post("/v1/rank", json=body)
+            while r.status_code == 503 and time.monotonic() < stop:
+                assert r.headers["retry-after"], r.text
+                await asyncio.sleep(0.1)
+                r = await c.post("/v1/rank", json=body)
             assert r.status_code == 200, r.text
             print(
                 f"\nservice on a slow Triton, burst of 12: {codes}; killed -> 503; restarted -> 200"
