@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Block, FieldEmbedding, content_tokens, init_embeddings, mlp
+from models.common import (
+    Block,
+    FieldEmbedding,
+    content_tokens,
+    init_embeddings,
+    masked_mean,
+    mlp,
+)
 
 ATTENTION_MODES = ("full", "candidate-isolated")
 
@@ -113,9 +120,9 @@ class CameNNItemTower(nn.Module):
             x = block(x, mask)
         cls = x[:, 0]  # (I, d)
         if self.pooled_residual:
-            w = torch.cat([text_mask, image_mask], dim=1).to(x.dtype)[..., None]  # (I, Lt+P, 1)
-            pooled = (torch.cat([t_in, i_in], dim=1) * w).sum(1) / w.sum(1).clamp(min=1.0)
-            cls = cls + pooled  # (I, d)
+            cls = cls + masked_mean(
+                torch.cat([t_in, i_in], 1), torch.cat([text_mask, image_mask], 1)
+            )
         cls = self.ln_f(cls)
         return cls[:, None, :], self.ita(cls)[:, 0], self.tia(cls)[:, 0]
 
@@ -203,8 +210,7 @@ class CameNNRanker(nn.Module):
         # learned) and an MLP over the concatenation [t, xc] does not find the product;
         # this bilinear feature exposes the history/candidate content match directly.
         # It reads the input tokens, so it is the same function in both attention modes.
-        w = hist_mask.to(hist.dtype)[..., None]  # (U, N, 1)
-        prof = (hist_items * w).sum(1) / w.sum(1).clamp(min=1.0)  # (U, d); 0 for N = 0
+        prof = masked_mean(hist_items, hist_mask)  # (U, d); 0 for N = 0
         prof = F.layer_norm(prof, (d,))[cand_user]  # (B, d)
         match = prof * F.layer_norm(xc, (d,))  # (B, d)
         x = torch.cat([self.ln_f(t), xc, prof, match, wide], dim=-1)

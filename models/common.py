@@ -133,6 +133,13 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.merged_weight(), self.base.bias)
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (R, T, d) over the positions where ``mask`` (R, T) is True; 0 where
+    none is (also for T = 0)."""
+    w = mask.to(x.dtype).unsqueeze(2)  # (R, T, 1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (R, d)
+
+
 def mlp(d_in: int, hidden: Sequence[int], dropout: float, d_out: int = 1) -> nn.Sequential:
     """ReLU MLP d_in -> hidden... -> d_out."""
     layers: list[nn.Module] = []

@@ -32,6 +32,7 @@ from models.common import (
     attend,
     content_tokens,
     init_embeddings,
+    masked_mean,
     mlp,
 )
 
@@ -114,8 +115,7 @@ class FQFormer(nn.Module):
             x = block(x, mask)
         out = x[:, :q]  # (I, Q, d)
         if self.pooled_residual:
-            w = torch.cat([image_mask, text_mask], dim=1).to(x.dtype)[..., None]  # (I, P+Lt, 1)
-            pooled = (torch.cat([i_in, t_in], dim=1) * w).sum(1) / w.sum(1).clamp(min=1.0)
+            pooled = masked_mean(torch.cat([i_in, t_in], 1), torch.cat([image_mask, text_mask], 1))
             out = out + pooled[:, None, :]
         return self.ln_f(out)  # (I, Q, D)
 

@@ -41,8 +41,6 @@ class TrainSettings:
     short_hist: int = 10  # EM3 stage 1 (full training) history length
     lora_epochs: int = 2  # EM3 stage 2 (frozen attention + LoRA) epochs, long histories
     align_items: int = 64  # CameNN: items per step in the ITA/TIA losses
-    align_warmup_steps: int = 0  # CameNN: tower-only ITA/TIA steps before end-to-end training
-    align_warmup_items: int = 512  # items per warm-up step
     align_holdout: float = 0.3  # share of items never used in ITA/TIA training (their test)
     cic_items: int = 256  # EM3: items per step in the CIC loss
     seed: int = 0
@@ -164,34 +162,6 @@ def alignment_losses(model: CameNN, cat: CatalogTensors, own: torch.Tensor, othe
     )
 
 
-def align_warmup(model: CameNN, cat: CatalogTensors, s: TrainSettings, gen: torch.Generator
-                 ) -> list[dict[str, float]]:  # fmt: skip
-    """Train the item tower alone on ITA + TIA for ``s.align_warmup_steps`` steps at the
-    full learning rate (CameNN's alignment pre-training): each step draws
-    ``s.align_warmup_items`` items of the alignment pool and pairs each with another
-    drawn item's text / image (never its own). Returns the loss every 50 steps."""
-    opt = torch.optim.AdamW(model.tower.parameters(), lr=s.lr, betas=s.betas,
-                            weight_decay=s.weight_decay)  # fmt: skip
-    pool, log_rows = cat.align_pool, []
-    model.train()
-    for step in tqdm(range(s.align_warmup_steps), desc="ITA/TIA warm-up", disable=not s.progress,
-                     leave=False):  # fmt: skip
-        own = pool[torch.randperm(len(pool), generator=gen)[: s.align_warmup_items]]
-        shift = torch.randint(1, len(own), (len(own),), generator=gen)
-        other = own[(torch.arange(len(own)) + shift) % len(own)]
-        _, ita, tia = bucketed_tower_forward(model, cat, own)
-        assert ita is not None and tia is not None
-        l_ita, l_tia = alignment_losses(model, cat, own, other, ita, tia)
-        opt.zero_grad(set_to_none=True)
-        (l_ita + l_tia).backward()
-        opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == s.align_warmup_steps:
-            log_rows.append({"step": step + 1, "ita": l_ita.item(), "tia": l_tia.item()})
-            log.info("ITA/TIA warm-up step %d: ita %.4f tia %.4f", step + 1, l_ita.item(),
-                     l_tia.item())  # fmt: skip
-    return log_rows
-
-
 @torch.no_grad()
 def predict(model: nn.Module, cat: CatalogTensors, split: Split, max_hist: int,
             cands_per_batch: int = 4096) -> np.ndarray:  # fmt: skip
@@ -235,8 +205,6 @@ def fit(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors, s: Tr
         state.best = -math.inf  # stage 2 is judged on long histories
         _run_stage(model, train, valid, cat, s, state, 2, s.lora_epochs, s.max_hist)
     else:
-        if isinstance(model, CameNN) and s.align_warmup_steps:
-            state.history += [{"stage": 0, **r} for r in align_warmup(model, cat, s, state.gen)]
         _run_stage(model, train, valid, cat, s, state, 1, s.epochs, s.max_hist)
     model.load_state_dict(state.best_state)
     model.eval()
