@@ -50,6 +50,7 @@ def test_five_times_saturation(tmp_path_factory: pytest.TempPathFactory, tmp_pat
     assert step.client_drops == 0, "the load generator could not offer the load"
     assert {o.status for o in sent} <= {200, 429, 503, 504}, step.statuses
     assert step.statuses.get(429, 0) > 0 and step.rejected_with_retry_after == 1.0, step
+    assert {o.error_code for o in sent if o.status == 429} == {"overloaded"}  # the error schema
     assert step.statuses.get(200, 0) > 0, step
     assert all(o.status == 200 for o in after), [o.status for o in after]
     assert rss1 < 1.5 * rss0 + 100 * 2**20, (rss0, rss1)  # bounded: no per-request growth
