@@ -140,6 +140,36 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (R, d)
 
 
+class HistoryKernels(nn.Module):
+    """Soft counts of history items like the candidate (K-NRM's kernel pooling): the
+    cosine between a learned projection of each real history item and of the candidate,
+    under ``n_kernels`` Gaussian kernels centred evenly on [-1, 1], averaged over the
+    history -> (B, n_kernels), each the share of the history at that similarity; 0 for
+    N = 0. A candidate's features depend only on its own user row.
+
+    Why: the world's conversions follow the user's shares of purchases in the
+    candidate's category and style; target attention is a softmax (a weighted mean, not a
+    share) and a mean profile's dot product mixes every pair. Measured in
+    README: logistic regression on the true attributes and shares reaches 0.82 test AUC."""
+
+    mu: torch.Tensor  # (K,) kernel centres
+
+    def __init__(self, d_in: int, d_proj: int = 32, n_kernels: int = 11, sigma: float = 0.1
+                 ) -> None:  # fmt: skip
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_proj, bias=False)
+        self.register_buffer("mu", torch.linspace(-1.0, 1.0, n_kernels), persistent=False)
+        self.sigma = sigma
+
+    def forward(self, hist: torch.Tensor, hist_mask: torch.Tensor, cand: torch.Tensor,
+                cand_user: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        h = F.normalize(self.proj(hist), dim=-1)  # (U, N, p)
+        c = F.normalize(self.proj(cand), dim=-1)  # (B, p)
+        sim = (h[cand_user] @ c[:, :, None])[..., 0]  # (B, N)
+        k = torch.exp(-((sim[..., None] - self.mu) ** 2) / (2 * self.sigma**2))  # (B, N, K)
+        return masked_mean(k, hist_mask[cand_user])  # (B, K)
+
+
 def mlp(d_in: int, hidden: Sequence[int], dropout: float, d_out: int = 1) -> nn.Sequential:
     """ReLU MLP d_in -> hidden... -> d_out."""
     layers: list[nn.Module] = []

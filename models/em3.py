@@ -28,6 +28,7 @@ from torch import nn
 from models.common import (
     Block,
     FieldEmbedding,
+    HistoryKernels,
     LoRALinear,
     attend,
     content_tokens,
@@ -59,9 +60,14 @@ class EM3Config:
     cic_temperature: float = 0.1  # paper: 0.1
     dnn_hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.1
-    # the item embedding adds the masked mean of the projected input tokens to each
-    # query output before the final LayerNorm (as in CameNN's tower; see camenn.py)
+    # the item embedding adds the masked means of the projected image patches and text
+    # tokens to each query output before the final LayerNorm (as CameNN's tower does;
+    # see camenn.py)
     pooled_residual: bool = True
+    # soft counts of history items similar to the candidate (models.common.HistoryKernels)
+    # fed to the DNN; 0 = none. Measured (1 + 2 LoRA epochs): test AUC 0.7877 without,
+    # 0.7953 with 11 kernels
+    history_kernels: int = 11
 
     @property
     def q(self) -> int:
@@ -114,8 +120,8 @@ class FQFormer(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         out = x[:, :q]  # (I, Q, d)
-        if self.pooled_residual:
-            pooled = masked_mean(torch.cat([i_in, t_in], 1), torch.cat([image_mask, text_mask], 1))
+        if self.pooled_residual:  # each modality's mean, whatever its token count
+            pooled = masked_mean(i_in, image_mask) + masked_mean(t_in, text_mask)  # (I, d)
             out = out + pooled[:, None, :]
         return self.ln_f(out)  # (I, Q, D)
 
@@ -137,6 +143,9 @@ class EM3Ranker(nn.Module):
         self.null_v = nn.Parameter(torch.zeros(a))
         self.null_id = nn.Parameter(torch.zeros(fi * cfg.field_dim))
         d_in = len(cfg.user_buckets) * cfg.field_dim + 2 * fi * cfg.field_dim + qd + 2 * a
+        d_in += cfg.history_kernels
+        self.kernels = (HistoryKernels(qd, n_kernels=cfg.history_kernels)
+                        if cfg.history_kernels else None)  # fmt: skip
         self.dnn = mlp(d_in, cfg.dnn_hidden, cfg.dropout)
 
     def lora_modules(self) -> list[LoRALinear]:
@@ -171,17 +180,17 @@ class EM3Ranker(nn.Module):
         scores = (q @ kb.transpose(-2, -1)).mean(1)[:, 0] / (a // h) ** 0.5  # (B, N+1)
         scores = scores.masked_fill(~mask[cand_user], torch.finfo(scores.dtype).min)
         id_interest = (F.softmax(scores, -1)[:, :, None] * ids[cand_user]).sum(1)  # (B, Fi*f)
-        x = torch.cat(
-            [
-                self.user_fields(user_sparse).flatten(-2)[cand_user],  # (B, Fu*f) user + context
-                self.item_fields(cand_sparse).flatten(-2),  # (B, Fi*f) candidate ids
-                cand_flat,
-                content_interest,
-                id_interest,
-                content_interest * self.att_q(cand_flat),  # (B, a) match feature
-            ],
-            dim=-1,
-        )
+        parts = [
+            self.user_fields(user_sparse).flatten(-2)[cand_user],  # (B, Fu*f) user + context
+            self.item_fields(cand_sparse).flatten(-2),  # (B, Fi*f) candidate ids
+            cand_flat,
+            content_interest,
+            id_interest,
+            content_interest * self.att_q(cand_flat),  # (B, a) match feature
+        ]
+        if self.kernels is not None:  # (B, K) shares of the history like the candidate
+            parts.append(self.kernels(hist_emb.flatten(-2), hist_mask, cand_flat, cand_user))
+        x = torch.cat(parts, dim=-1)
         return self.dnn(x)[:, 0]  # (B,)
 
 

@@ -9,16 +9,18 @@ import torch
 
 from models.baselines import Baseline, BaselineConfig
 from models.camenn import CameNN, CameNNConfig
+from models.common import HistoryKernels
 from models.em3 import EM3, EM3Config
 
 USER_BUCKETS = [101, 7, 5]
 ITEM_BUCKETS = [211, 13]
 
 
-def camenn(attention: str) -> CameNN:
+def camenn(attention: str, history_kernels: int = 0) -> CameNN:
     torch.manual_seed(0)
     cfg = CameNNConfig(text_dim=12, image_dim=10, max_text_len=8, user_buckets=USER_BUCKETS,
-                       item_buckets=ITEM_BUCKETS, attention=attention)  # fmt: skip
+                       item_buckets=ITEM_BUCKETS, attention=attention,
+                       history_kernels=history_kernels)  # fmt: skip
     return CameNN(cfg).eval()
 
 
@@ -32,6 +34,7 @@ def em3() -> EM3:
 MODELS: dict[str, Callable[[], CameNN | EM3]] = {
     "camenn-full": lambda: camenn("full"),
     "camenn-isolated": lambda: camenn("candidate-isolated"),
+    "camenn-kernels": lambda: camenn("candidate-isolated", history_kernels=5),
     "em3": em3,
 }
 
@@ -218,3 +221,17 @@ def test_item_embedding_does_not_depend_on_text_padding(name: str) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     if isinstance(short, tuple) and isinstance(long, tuple):
         torch.testing.assert_close(short[1], long[1], atol=1e-5, rtol=0)  # ITA
+
+
+def test_history_kernels_are_shares_of_the_history() -> None:
+    torch.manual_seed(0)
+    k = HistoryKernels(6, d_proj=4, n_kernels=5)  # centres -1, -0.5, 0, 0.5, 1
+    c = torch.randn(2, 6)
+    hist = torch.stack([c[0].expand(4, 6), torch.randn(4, 6)])  # (U=2, N=4, 6)
+    mask = torch.tensor([[True, True, False, False], [False] * 4])
+    out = k(hist, mask, c, torch.tensor([0, 1]))  # (B=2, K=5)
+    # user 0's real history is two copies of candidate 0: cosine 1, all in the last kernel
+    assert torch.allclose(out[0], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]), atol=1e-4)
+    assert torch.equal(out[1], torch.zeros(5))  # no real history: no counts
+    hist[0, 2:] = 100.0  # padding never counts
+    assert torch.equal(k(hist, mask, c, torch.tensor([0, 1])), out)
