@@ -12,6 +12,8 @@ section 10, the ceiling half): same requests, same ONNX Runtime threads.
    light asyncio HTTP/1.1 keep-alive load generator in this process (optionally pinned
    apart): closed loop with ``--concurrency`` connections for saturation throughput,
    then an open loop (Poisson arrivals) at half that rate for p50.
+4. The model alone again, fed the open loop's own arrival times (same rate, seed and
+   requests, first come first served): the half-load p50 compared like for like.
 
 Imports torch only to build the model when no ``--repo`` is given.
 """
