@@ -138,16 +138,24 @@ def chunks(feeds: dict[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray
     return [{**feeds, **{n: feeds[n][a : a + rows] for n in cand}} for a in range(0, k, rows)]
 
 
-def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float,
-               max_rows: int) -> dict[str, float]:  # fmt: skip
-    """The ceiling: each request's tensors through one ONNX Runtime session, one request
-    after another, in calls of at most ``max_rows`` candidates (the same split the
-    service makes), unpadded history; throughput, p50 per request, CPU per request."""
+def _model_calls(repo: Path, reqs: list[Request], threads: int, max_rows: int
+                 ) -> tuple[Any, list[list[dict[str, np.ndarray]]]]:  # fmt: skip
+    """One ONNX Runtime session of the ranker, each request's calls of at most
+    ``max_rows`` candidates (:func:`chunks`), and the first five requests run once (warm)."""
     sess = open_repository(repo, golden=False).session("ranker", threads=threads)
     calls = [chunks(r.feeds, max_rows) for r in reqs]
     for c in calls[:5]:
         for f in c:
             sess.run(["cvr"], f)
+    return sess, calls
+
+
+def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float,
+               max_rows: int) -> dict[str, float]:  # fmt: skip
+    """The ceiling: each request's tensors through one ONNX Runtime session, one request
+    after another, in calls of at most ``max_rows`` candidates (the same split the
+    service makes), unpadded history; throughput, p50 per request, CPU per request."""
+    sess, calls = _model_calls(repo, reqs, threads, max_rows)
     lat = []
     t0, c0 = time.perf_counter(), time.process_time()
     i = 0
@@ -281,10 +289,7 @@ def model_open_loop(repo: Path, reqs: list[Request], threads: int, rate: float, 
     one session, first come first served, each request's latency from its arrival to
     its last call's end, so its queueing behind earlier requests counts as it does for
     the service."""
-    sess = open_repository(repo, golden=False).session("ranker", threads=threads)
-    calls = [chunks(r.feeds, max_rows) for r in reqs]
-    for f in calls[0]:
-        sess.run(["cvr"], f)
+    sess, calls = _model_calls(repo, reqs, threads, max_rows)
     lat = []
     t0 = time.perf_counter()
     for i, at in enumerate(arrivals(rate, seconds, seed)):
