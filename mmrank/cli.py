@@ -166,6 +166,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ceilings(args: argparse.Namespace) -> int:
+    from training.ceilings import ceilings
+
+    m = ceilings(Path(args.data), args.seed)
+    if args.out:
+        Path(args.out).write_text(json.dumps(m, indent=2))
+    log.info("%s", json.dumps(m, indent=2))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from model_export.export import export_run
 
@@ -393,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", action="store_true", help="also train LR, DIN and BST")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    ce = sub.add_parser("ceilings", help="what a world lets a model reach (from its hidden truth)")
+    ce.add_argument("--data", required=True, help="a world directory")
+    ce.add_argument("--seed", type=int, default=0)
+    ce.add_argument("--out", help="also write the numbers to this JSON file")
+    ce.set_defaults(func=_ceilings)
 
     x = sub.add_parser("export", help="ONNX ranker + item tower, manifest, Triton configs")
     x.add_argument("run")

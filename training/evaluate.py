@@ -20,24 +20,33 @@ from training.runs import build_model, load_run, model_config
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def alignment_accuracy(model: CameNN, data: RankingData, cat: CatalogTensors, seed: int
-                       ) -> dict[str, Any] | None:  # fmt: skip
-    """ITA/TIA accuracy on a balanced set of held-out items: every planted-mismatch
-    item among those never used in ITA/TIA training, and as many clean ones. An item
-    is predicted "aligned" when the head's probability is >= 0.5. None when the
-    dataset has no planted truth or no items with both modalities."""
-    if data.catalog.mismatch is None:
-        return None
-    held = cat.align_test
-    bad = np.flatnonzero(held & data.catalog.mismatch)
-    clean = np.flatnonzero(held & ~data.catalog.mismatch)
+def balanced_alignment_items(mismatch: np.ndarray, held: np.ndarray, seed: int
+                             ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The ITA/TIA test set: every planted-mismatch item among the ``held`` ones
+    (never used in ITA/TIA training) and as many clean ones drawn with ``seed``;
+    (items, aligned). None when there are no such items or too few clean ones."""
+    bad = np.flatnonzero(held & mismatch)
+    clean = np.flatnonzero(held & ~mismatch)
     if len(bad) == 0 or len(clean) < len(bad):
         return None
     clean = np.random.default_rng(seed).choice(clean, size=len(bad), replace=False)
-    items = torch.from_numpy(np.concatenate([bad, clean]))
     aligned = np.r_[np.zeros(len(bad)), np.ones(len(clean))].astype(bool)
-    _, ita, tia = model.tower(*cat.content(items))
+    return np.concatenate([bad, clean]), aligned
+
+
+@torch.no_grad()
+def alignment_accuracy(model: CameNN, data: RankingData, cat: CatalogTensors, seed: int
+                       ) -> dict[str, Any] | None:  # fmt: skip
+    """ITA/TIA accuracy on :func:`balanced_alignment_items`. An item is predicted
+    "aligned" when the head's probability is >= 0.5. None when the dataset has no
+    planted truth or no held-out items with both modalities."""
+    if data.catalog.mismatch is None:
+        return None
+    test = balanced_alignment_items(data.catalog.mismatch, cat.align_test, seed)
+    if test is None:
+        return None
+    items, aligned = test
+    _, ita, tia = model.tower(*cat.content(torch.from_numpy(items)))
     return {
         "ita_accuracy": float(((ita.numpy() >= 0) == aligned).mean()),
         "tia_accuracy": float(((tia.numpy() >= 0) == aligned).mean()),
