@@ -9,7 +9,10 @@ Synthetic records of the CameNN layout (Q = 1, D = 64, 3 item fields, ITA/TIA:
 - ``request``: ``read_request`` (user record + candidates, then the history items), cold.
 
 Latencies are wall time per read in one asyncio task, after a warm-up, so they include
-redis-py, the network stack and decoding; on a shared machine they are noisy.
+redis-py, the network stack and decoding; on a shared machine they are noisy. For the
+cold reads, ``server_ms`` is the time Redis itself spent in MGET per read (``INFO
+commandstats``, summed over the nodes of a cluster): the part of the latency no client
+change can remove.
 """
 
 from __future__ import annotations
@@ -54,12 +57,29 @@ class ReadTiming:
     p50_ms: float
     p99_ms: float
     mean_ms: float
+    server_ms: float | None = None  # Redis's own MGET time per read (cold reads)
 
 
-def _timing(name: str, samples: list[float]) -> ReadTiming:
+def _timing(name: str, samples: list[float], server_ms: float | None = None) -> ReadTiming:
     a = np.asarray(samples) * 1e3
     return ReadTiming(name, len(a), float(np.percentile(a, 50)), float(np.percentile(a, 99)),
-                      float(a.mean()))  # fmt: skip
+                      float(a.mean()), server_ms)  # fmt: skip
+
+
+async def _mget_server_ms(client: Any, cluster: bool, reads: int) -> float:
+    """Redis's MGET time since the last stats reset, per read, over every node."""
+    if cluster:
+        per_node = (await client.info("commandstats", target_nodes=client.PRIMARIES)).values()
+    else:
+        per_node = [await client.info("commandstats")]
+    return sum(n.get("cmdstat_mget", {}).get("usec", 0) for n in per_node) / 1e3 / reads
+
+
+async def _reset_stats(client: Any, cluster: bool) -> None:
+    if cluster:
+        await client.config_resetstat(target_nodes=client.PRIMARIES)
+    else:
+        await client.config_resetstat()
 
 
 async def _time(fn: Callable[[int], Any], reads: int, warmup: int = 20) -> list[float]:
@@ -85,7 +105,12 @@ async def bench_reads(url: str, cluster: bool, ns: str, n_items: int, n_users: i
     cold = RedisStore(RedisSettings(**{**base.__dict__, "cache_items": 0}))
     try:
         await cold.current_version()
-        out.append(_timing("items cold", await _time(lambda k: cold.read_items(sets[k]), reads)))
+        for k in range(20):  # warm-up, outside the server's count
+            await cold.read_items(sets[k])
+        await _reset_stats(cold.client, cluster)
+        samples = await _time(lambda k: cold.read_items(sets[k]), reads, warmup=0)
+        server = await _mget_server_ms(cold.client, cluster, reads)
+        out.append(_timing("items cold", samples, server))
         out.append(_timing("request cold", await _time(
             lambda k: cold.read_request(users[k], sets[k][hist:], max_hist=hist), reads)))  # fmt: skip
     finally:
