@@ -41,6 +41,9 @@ class Catalog:
     sparse: np.ndarray  # (I, Fi) int64 hashed item fields
     fields: tuple[FieldSpec, ...]
     mismatch: np.ndarray | None = None  # (I,) bool, planted text/image mismatch (synthetic)
+    # a field whose values name the kind of product (world: coarse category; H&M: product
+    # type); hard ITA/TIA negatives swap in content from items of another kind
+    kind_field: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -48,6 +51,7 @@ class Catalog:
             arr = getattr(self, name)
             assert len(arr) == n, f"catalog.{name} has {len(arr)} rows, expected {n}"
         assert self.sparse.shape[1] == len(self.fields), "one sparse column per item field"
+        assert self.kind_field is None or self.kind_field in [f.name for f in self.fields]
 
     @property
     def text_dim(self) -> int:

@@ -186,4 +186,5 @@ def load_hm_catalog(
         has_image=has_image,
         sparse=sparse,
         fields=ITEM_FIELDS,
+        kind_field="product_type",
     )

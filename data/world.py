@@ -355,6 +355,7 @@ def load_world(path: Path, max_hist: int = 50) -> RankingData:
         sparse=np.stack([hash_column(f.name, items[f.name], f.buckets) for f in ITEM_FIELDS], 1),
         fields=ITEM_FIELDS,
         mismatch=np.asarray(items["true_mismatch"]) != "none",
+        kind_field="coarse_category",
     )
     user_index = {uid: k for k, uid in enumerate(users["user_id"])}
     hist = np.full((len(user_index), max_hist), -1, dtype=np.int64)

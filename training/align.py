@@ -9,7 +9,8 @@ Items with both a text and a photo are split by a seeded draw into train / valid
 test (valid picks the best epoch; test is only read once, at the end). Each step
 pairs every training item with its own text and image (positives) and with another
 training item's text (ITA negative) or image (TIA negative), as in
-:func:`training.loop.batch_loss`. Held-out accuracy: each test item against its own
+:func:`training.loop.batch_loss`: half of them a look-alike of another kind
+(:func:`training.loop.look_alikes`, among the training items), half a random one. Held-out accuracy: each test item against its own
 content and against ``neg_per_item`` other test items' text (ITA) / image (TIA),
 thresholded at 0.5; reported as balanced accuracy (mean of positive and negative
 accuracy) with the positive and negative parts and the number of pairs.
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from data.dataset import Catalog, FieldSpec
 from models.camenn import CameNN, CameNNConfig
-from training.loop import CatalogTensors
+from training.loop import CatalogTensors, look_alikes
 from training.runs import save_run
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class AlignSettings:
     valid_share: float = 0.15
     test_share: float = 0.3
     neg_per_item: int = 5  # negatives per held-out item in the evaluation
+    hard_share: float = 0.5  # training negatives from look-alikes of another kind
     patience: int = 60  # epochs without a better validation loss
     seed: int = 0
     threads: int = 2
@@ -119,12 +121,17 @@ def train_align(cat: Catalog, out: Path, s: AlignSettings, data_ref: str,
                             weight_decay=s.weight_decay)  # fmt: skip
     gen = torch.Generator().manual_seed(s.seed)
     tr = torch.as_tensor(train)
+    hard = look_alikes(cat, train)  # (len(train), k) or None
     best, best_state, bad, history = float("inf"), None, 0, []
     t0 = time.perf_counter()
     for epoch in tqdm(range(s.epochs), desc="align", disable=not s.progress):
         model.train()
         shift = torch.randint(1, len(tr), (len(tr),), generator=gen)
         other = tr[(torch.arange(len(tr)) + shift) % len(tr)]  # never the item itself
+        if hard is not None and s.hard_share > 0:
+            pick = torch.randint(hard.shape[1], (len(tr),), generator=gen)
+            alike = torch.from_numpy(hard[np.arange(len(tr)), pick.numpy()])
+            other = torch.where(torch.rand(len(tr), generator=gen) < s.hard_share, alike, other)
         _, ita, tia = model.tower(*ct.content(tr))
         _, ita_neg, _ = model.tower(*ct.content(tr, text_from=other))
         _, _, tia_neg = model.tower(*ct.content(tr, image_from=other))

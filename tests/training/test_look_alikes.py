@@ -1,0 +1,63 @@
+"""Hard ITA/TIA negatives: look-alikes of another kind, on small hand-built catalogs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data.dataset import Catalog, FieldSpec
+from training.loop import CatalogTensors, look_alikes
+
+FIELDS = (FieldSpec("item_id", 101), FieldSpec("kind", 7))
+
+
+def catalog(image_means: np.ndarray, kinds: list[int], kind_field: str | None = "kind") -> Catalog:
+    n = len(kinds)
+    image = np.repeat(image_means[:, None, :], 9, axis=1).astype(np.float32)  # (n, 9, 4)
+    return Catalog(
+        item_ids=np.array([f"i{k}" for k in range(n)]),
+        text=np.ones((n, 3, 4), np.float32),
+        text_len=np.full(n, 3),
+        image=image,
+        has_image=np.ones(n, bool),
+        sparse=np.stack([np.arange(1, n + 1), np.array(kinds)], 1),
+        fields=FIELDS,
+        kind_field=kind_field,
+    )
+
+
+def test_look_alikes_are_the_most_similar_items_of_another_kind() -> None:
+    # items 0-2 kind 1, 3-5 kind 2; 0 looks like 1 (same kind) and then like 3
+    means = np.array([[1, 0, 0, 0], [1, 0.1, 0, 0], [0, 0, 1, 0],
+                      [0.9, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # fmt: skip
+    cat = catalog(means, [1, 1, 1, 2, 2, 2])
+    got = look_alikes(cat, np.arange(6), k=1)
+    assert got is not None
+    assert got[0, 0] == 3 and got[1, 0] == 3  # never item 1 / 0: same kind
+    kinds = cat.sparse[:, 1]
+    full = look_alikes(cat, np.arange(6), k=3)
+    assert full is not None and (kinds[full] != kinds[:, None]).all()
+
+
+def test_no_look_alikes_without_a_kind_field_or_enough_other_kinds() -> None:
+    means = np.eye(4)[[0, 1, 2, 3, 0, 1]]
+    assert look_alikes(catalog(means, [1, 1, 1, 2, 2, 2], kind_field=None), np.arange(6)) is None
+    assert look_alikes(catalog(means, [1, 1, 1, 1, 1, 2]), np.arange(6), k=2) is None
+
+
+def test_align_negatives_mix_look_alikes_and_random_pool_items() -> None:
+    rng = np.random.default_rng(0)
+    kinds = [1] * 20 + [2] * 20
+    cat = catalog(rng.normal(size=(40, 4)), kinds)
+    ct = CatalogTensors(cat, holdout=0.0, seed=0)
+    own = ct.align_pool[:30]
+    gen = torch.Generator().manual_seed(0)
+    hard = ct.align_negatives(own, 1.0, gen)
+    assert ct.align_hard is not None
+    rows = ct.align_hard[ct.pool_row[own]]  # (30, k) each item's look-alikes
+    assert all(int(h) in r.tolist() for r, h in zip(rows, hard, strict=True))
+    k = torch.as_tensor(kinds)
+    assert (k[hard] != k[own]).all()
+    random = ct.align_negatives(own, 0.0, gen)
+    assert set(random.tolist()) <= set(ct.align_pool.tolist())
+    assert (k[random] == k[own]).any()  # random draws do not avoid the item's own kind
