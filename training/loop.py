@@ -264,10 +264,18 @@ def fit(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors, s: Tr
 
 def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """The trainable parameters as optimiser groups: the item tower at ``lr`` x the
-    config's ``tower_lr_mult`` (1 when the model has none), everything else at ``lr``."""
+    config's ``tower_lr_mult`` (1 when the model has none), everything else at ``lr``,
+    including the tower's ITA/TIA heads: they read the embedding and do not change it.
+    Measured (CameNN, 2 epochs, half look-alike negatives): heads at 0.1x, ITA/TIA
+    0.68 / 0.68 on planted mismatches; at the full rate 0.75 / 0.71 (test AUC 0.7802
+    and 0.7809)."""
     mult = float(getattr(getattr(model, "cfg", None), "tower_lr_mult", 1.0))
     tower = getattr(model, "tower", None)
-    tower_ids = {id(p) for p in tower.parameters()} if isinstance(tower, nn.Module) else set()
+    tower_ids = (
+        {id(p) for n, p in tower.named_parameters() if not n.startswith(("ita.", "tia."))}
+        if isinstance(tower, nn.Module)
+        else set()
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) in tower_ids], "lr": lr * mult},

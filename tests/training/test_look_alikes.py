@@ -1,4 +1,5 @@
-"""Hard ITA/TIA negatives: look-alikes of another kind, on small hand-built catalogs."""
+"""ITA/TIA training: look-alike negatives of another kind (on small hand-built
+catalogs) and the learning rates of the alignment heads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import torch
 
 from data.dataset import Catalog, FieldSpec
-from training.loop import CatalogTensors, look_alikes
+from models.camenn import CameNN, CameNNConfig
+from training.loop import CatalogTensors, look_alikes, param_groups
 
 FIELDS = (FieldSpec("item_id", 101), FieldSpec("kind", 7))
 
@@ -61,3 +63,14 @@ def test_align_negatives_mix_look_alikes_and_random_pool_items() -> None:
     random = ct.align_negatives(own, 0.0, gen)
     assert set(random.tolist()) <= set(ct.align_pool.tolist())
     assert (k[random] == k[own]).any()  # random draws do not avoid the item's own kind
+
+
+def test_alignment_heads_learn_at_the_full_rate_and_the_tower_slower() -> None:
+    model = CameNN(CameNNConfig(user_buckets=[7], item_buckets=[11], tower_lr_mult=0.1))
+    groups = param_groups(model, lr=1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert all(lr_of[id(p)] == 1e-3 for p in model.tower.ita.parameters())
+    assert all(lr_of[id(p)] == 1e-3 for p in model.tower.tia.parameters())
+    assert lr_of[id(model.tower.cls)] == 1e-3 * 0.1
+    assert all(lr_of[id(p)] == 1e-3 for p in model.ranker.parameters())
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group
