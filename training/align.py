@@ -10,10 +10,11 @@ test (valid picks the best epoch; test is only read once, at the end). Each step
 pairs every training item with its own text and image (positives) and with another
 training item's text (ITA negative) or image (TIA negative), as in
 :func:`training.loop.batch_loss`: half of them a look-alike of another kind
-(:func:`training.loop.look_alikes`, among the training items), half a random one. Held-out accuracy: each test item against its own
-content and against ``neg_per_item`` other test items' text (ITA) / image (TIA),
-thresholded at 0.5; reported as balanced accuracy (mean of positive and negative
-accuracy) with the positive and negative parts and the number of pairs.
+(:func:`training.loop.look_alikes`, among the training items), half a random one.
+Held-out accuracy: each test item against its own content and against
+``neg_per_item`` other test items' text (ITA) / image (TIA), thresholded at 0.5;
+reported as balanced accuracy (mean of positive and negative accuracy) with the
+positive and negative parts and the number of pairs.
 """
 
 from __future__ import annotations
