@@ -51,7 +51,9 @@ class TrainSettings:
     cic_items: int = 256  # EM3: items per step in the CIC loss
     seed: int = 0
     threads: int = 2
-    max_minutes: float = 0.0  # 0 = no time cap; else stop after the epoch that passes it
+    # 0 = no time cap; else stop before an epoch that would end past it, judged by the
+    # last epoch's time (validation included), so training does not overrun the cap
+    max_minutes: float = 0.0
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -327,7 +329,8 @@ def _run_stage(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors
             st.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-        out_of_time = s.max_minutes > 0 and row["seconds"] > 60 * s.max_minutes
+        epoch_s = row["seconds"] - (st.history[-2]["seconds"] if len(st.history) > 1 else 0.0)
+        out_of_time = s.max_minutes > 0 and row["seconds"] + epoch_s > 60 * s.max_minutes
         if bad >= s.patience or out_of_time:
             break
         model.train()
