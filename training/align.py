@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from data.dataset import Catalog, FieldSpec
 from models.camenn import CameNN, CameNNConfig
-from training.loop import CatalogTensors, look_alikes
+from training.loop import CatalogTensors, look_alikes, mix_look_alikes
 from training.runs import save_run
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,14 @@ def train_align(cat: Catalog, out: Path, s: AlignSettings, data_ref: str,
     gen = torch.Generator().manual_seed(s.seed)
     tr = torch.as_tensor(train)
     hard = look_alikes(cat, train)  # (len(train), k) or None
+    alikes = None if hard is None else torch.from_numpy(hard)
     best, best_state, bad, history = float("inf"), None, 0, []
     t0 = time.perf_counter()
     for epoch in tqdm(range(s.epochs), desc="align", disable=not s.progress):
         model.train()
         shift = torch.randint(1, len(tr), (len(tr),), generator=gen)
         other = tr[(torch.arange(len(tr)) + shift) % len(tr)]  # never the item itself
-        if hard is not None and s.hard_share > 0:
-            pick = torch.randint(hard.shape[1], (len(tr),), generator=gen)
-            alike = torch.from_numpy(hard[np.arange(len(tr)), pick.numpy()])
-            other = torch.where(torch.rand(len(tr), generator=gen) < s.hard_share, alike, other)
+        other = mix_look_alikes(other, alikes, s.hard_share, gen)
         _, ita, tia = model.tower(*ct.content(tr))
         _, ita_neg, _ = model.tower(*ct.content(tr, text_from=other))
         _, _, tia_neg = model.tower(*ct.content(tr, image_from=other))

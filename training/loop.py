@@ -10,6 +10,7 @@ EM3. Early stopping keeps the weights of the best validation AUC.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -84,6 +85,18 @@ def look_alikes(cat: Catalog, items: np.ndarray, k: int = 5) -> np.ndarray | Non
     return out
 
 
+def mix_look_alikes(other: torch.Tensor, alikes: torch.Tensor | None, share: float,
+                    gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """``other`` (n,) with each entry replaced, with probability ``share``, by one of the
+    ``k`` candidates in its row of ``alikes`` (n, k) drawn at random; ``other`` as it is
+    when there are no look-alikes or ``share`` is 0."""
+    if alikes is None or share <= 0:
+        return other
+    n, k = alikes.shape
+    pick = alikes[torch.arange(n), torch.randint(k, (n,), generator=gen)]
+    return torch.where(torch.rand(n, generator=gen) < share, pick, other)
+
+
 class CatalogTensors:
     """The catalog as torch tensors, plus which items may train ITA/TIA and their
     look-alikes of another kind."""
@@ -98,12 +111,22 @@ class CatalogTensors:
         held = np.random.default_rng(seed + 7919).random(len(cat.item_ids)) < holdout
         self.align_ok = torch.from_numpy(both & ~held)  # may train ITA/TIA
         self.align_test = both & held  # ITA/TIA evaluation items
-        pool = np.flatnonzero(both & ~held)
-        self.align_pool = torch.from_numpy(pool)
-        hard = look_alikes(cat, pool)
-        self.align_hard = None if hard is None else torch.from_numpy(hard)  # (P, k)
-        self.pool_row = torch.full((len(cat.item_ids),), -1, dtype=torch.long)
-        self.pool_row[self.align_pool] = torch.arange(len(pool))
+        self.align_pool = torch.from_numpy(np.flatnonzero(both & ~held))
+        self._catalog = cat
+
+    @functools.cached_property
+    def align_hard(self) -> torch.Tensor | None:
+        """(P, k) look-alikes of another kind of each pool item (:func:`look_alikes`);
+        computed on first use (evaluation never needs them)."""
+        hard = look_alikes(self._catalog, self.align_pool.numpy())
+        return None if hard is None else torch.from_numpy(hard)
+
+    @functools.cached_property
+    def pool_row(self) -> torch.Tensor:
+        """(I,) each item's row in ``align_pool``; -1 outside it."""
+        row = torch.full((len(self._catalog.item_ids),), -1, dtype=torch.long)
+        row[self.align_pool] = torch.arange(len(self.align_pool))
+        return row
 
     def align_negatives(self, own: torch.Tensor, hard_share: float, gen: torch.Generator
                         ) -> torch.Tensor:  # fmt: skip
@@ -112,11 +135,9 @@ class CatalogTensors:
         random pool item."""
         pool = self.align_pool
         other = pool[torch.randint(len(pool), (len(own),), generator=gen)]
-        if self.align_hard is None or hard_share <= 0:
+        if hard_share <= 0 or self.align_hard is None:
             return other
-        k = self.align_hard.shape[1]
-        hard = self.align_hard[self.pool_row[own], torch.randint(k, (len(own),), generator=gen)]
-        return torch.where(torch.rand(len(own), generator=gen) < hard_share, hard, other)
+        return mix_look_alikes(other, self.align_hard[self.pool_row[own]], hard_share, gen)
 
     def content(self, items: torch.Tensor, text_from: torch.Tensor | None = None,
                 image_from: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
