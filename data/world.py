@@ -79,6 +79,10 @@ class WorldConfig:
     token_noise: float = 0.5  # per-token noise (word vectors have norm ~2.8)
     patch_noise: float = 0.7  # per-patch noise
     shape_cohesion: float = 0.7  # cosine of a category's patch features to its common direction
+    # descriptions that open with a title naming the product type ("Siri cardigan. ..."),
+    # a category word with half the body's noise (titles are curated, not free text)
+    title_rate: float = 1.0
+    title_noise: float = 0.25
     mismatch_rate: float = 0.10  # planted text/image mismatch (dirty listings)
     no_image_rate: float = 0.05  # listings without a photo (masked)
     no_text_rate: float = 0.02  # listings without a description (masked)
@@ -123,6 +127,9 @@ class _Generator:
     def __init__(self, cfg: WorldConfig) -> None:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
+        # titles draw from their own stream, so every other draw of a seed's world (and
+        # so p_true, the interactions and the splits) does not depend on ``title_rate``
+        self.title_rng = np.random.default_rng([cfg.seed, 1])
         c, rng = cfg, self.rng
         # vocabulary: 8 words per category, 6 per style, 6 premium, 6 budget, 300 filler
         self.cat_words = _related_words(rng, c.n_categories, 8, c.text_dim, c.word_cohesion)
@@ -156,7 +163,11 @@ class _Generator:
                 toks[t] = self.budget_words[rng.integers(6)]
             else:
                 toks[t] = self.filler_words[rng.integers(300)]
-        return toks + rng.normal(0, c.token_noise, size=toks.shape).astype(np.float32)
+        toks = toks + rng.normal(0, c.token_noise, size=toks.shape).astype(np.float32)
+        if self.title_rng.random() < c.title_rate:  # "Siri cardigan. Cardigan in a soft knit"
+            title = self.cat_words[cat, self.title_rng.integers(8)]
+            toks[0] = title + self.title_rng.normal(0, c.title_noise, size=title.shape)
+        return toks
 
     def image(self, cat: int, style: int, quality: float) -> np.ndarray:
         c, rng = self.cfg, self.rng

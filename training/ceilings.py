@@ -12,7 +12,7 @@ of a gap to the oracle is the world's and how much is the model's.
   text/image features is not expected to beat it.
 - ``alignment_ceiling``: planted-mismatch detection by two classifiers trained *with
   the true categories* (which ITA/TIA never get): a per-token evidence sum over the
-  text tokens and a logistic regression over the image patches, trained on clean
+  text tokens plus a vote of the first (title) token and a logistic regression over the image patches, trained on clean
   items of the ITA/TIA training pool; an item is "aligned" when
   ``sum_c p_text(c) p_image(c)`` clears a threshold picked on a validation part of
   that pool. Balanced accuracy on the same held-out set as ITA/TIA
@@ -85,14 +85,17 @@ def latent_auc(world: Path, seed: int = 0) -> dict[str, float]:
 
 class _TokenEvidence(nn.Module):
     """Category logits of a description: the sum over its tokens of a per-token MLP
-    (a word votes for its category; fillers learn to vote for nothing)."""
+    (a word votes for its category; fillers learn to vote for nothing), plus a separate
+    vote of the first token (the title's product-type word, ``WorldConfig.title_rate``)."""
 
     def __init__(self, dim: int, n_classes: int) -> None:
         super().__init__()
         self.f = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, n_classes))
+        self.title = nn.Linear(dim, n_classes)
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.f(text).masked_fill(~mask[..., None], 0.0).sum(1)  # (I, C)
+        words = self.f(text).masked_fill(~mask[..., None], 0.0).sum(1)  # (I, C)
+        return words + self.title(text[:, 0]) * mask[:, :1]  # (I, C)
 
 
 def _text_classifier(text: np.ndarray, text_len: np.ndarray, labels: np.ndarray,

@@ -65,12 +65,46 @@ def test_align_negatives_mix_look_alikes_and_random_pool_items() -> None:
     assert (k[random] == k[own]).any()  # random draws do not avoid the item's own kind
 
 
-def test_alignment_heads_learn_at_the_full_rate_and_the_tower_slower() -> None:
+def test_alignment_path_learns_at_the_full_rate_and_the_content_path_slower() -> None:
     model = CameNN(CameNNConfig(user_buckets=[7], item_buckets=[11], tower_lr_mult=0.1))
     groups = param_groups(model, lr=1e-3)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    assert all(lr_of[id(p)] == 1e-3 for p in model.tower.ita.parameters())
-    assert all(lr_of[id(p)] == 1e-3 for p in model.tower.tia.parameters())
-    assert lr_of[id(model.tower.cls)] == 1e-3 * 0.1
+    t = model.tower
+    for fast in (t.ita, t.tia, t.text_in, t.image_in, t.blocks, t.ln_a):
+        assert all(lr_of[id(p)] == 1e-3 for p in fast.parameters())
+    assert lr_of[id(t.cls)] == lr_of[id(t.cls_gate)] == 1e-3
+    for slow in (t.pool_text, t.pool_image, t.ln_f):
+        assert all(lr_of[id(p)] == 1e-3 * 0.1 for p in slow.parameters())
     assert all(lr_of[id(p)] == 1e-3 for p in model.ranker.parameters())
     assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group
+
+
+def test_one_path_tower_learns_slower_except_its_heads() -> None:
+    cfg = CameNNConfig(user_buckets=[7], item_buckets=[11], tower_lr_mult=0.1, align_path=False)
+    model = CameNN(cfg)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, lr=1e-3) for p in g["params"]}
+    assert all(lr_of[id(p)] == 1e-3 for p in model.tower.ita.parameters())
+    assert lr_of[id(model.tower.cls)] == 1e-3 * 0.1
+    assert all(lr_of[id(p)] == 1e-3 * 0.1 for p in model.tower.blocks.parameters())
+
+
+def test_cvr_gradient_into_the_cls_output_is_scaled_and_its_value_kept() -> None:
+    """The content path sees the [CLS] output unchanged but passes back only
+    ``tower_lr_mult`` of the gradient; the ITA/TIA heads' gradient is not scaled."""
+    torch.manual_seed(0)
+    cfg = CameNNConfig(user_buckets=[7], item_buckets=[11], tower_lr_mult=0.1, dropout=0.0)
+    text, text_len = torch.randn(3, 5, 32), torch.tensor([5, 2, 0])
+    image, has_image = torch.randn(3, 9, 32), torch.tensor([True, False, True])
+    grads = []
+    for scale in (1.0, 0.1):
+        torch.manual_seed(1)  # the same weights both times
+        model = CameNN(cfg)
+        model.tower.cvr_grad_scale = scale
+        with torch.no_grad():
+            model.tower.cls_gate.fill_(1.0)
+        emb, _, _ = model.tower(text, text_len, image, has_image)
+        emb.sum().backward()
+        assert model.tower.cls.grad is not None
+        grads.append((emb.detach(), model.tower.cls.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0])  # same embedding
+    assert torch.allclose(grads[1][1], grads[0][1] * 0.1, atol=1e-7)
