@@ -11,7 +11,8 @@ pairs every training item with its own text and image (positives) and with anoth
 training item's text (ITA negative) or image (TIA negative), as in
 :func:`training.loop.batch_loss`: half of them a look-alike of another kind
 (:func:`training.loop.look_alikes`, among the training items), half a random one;
-every pair perturbed (:func:`training.loop.perturb`).
+pairs are perturbed (:func:`training.loop.perturb`) only when ``AlignSettings.noise``
+or ``drop`` is set (off by default).
 Held-out accuracy: each test item against its own content and against
 ``neg_per_item`` other test items' text (ITA) / image (TIA), thresholded at 0.5;
 reported as balanced accuracy (mean of positive and negative accuracy) with the

@@ -12,10 +12,10 @@ of a gap to the oracle is the world's and how much is the model's.
   text/image features is not expected to beat it.
 - ``alignment_ceiling``: planted-mismatch detection by two classifiers trained *with
   the true categories* (which ITA/TIA never get): a per-token evidence sum over the
-  text tokens plus a vote of the first (title) token and a logistic regression over the image patches, trained on clean
-  items of the ITA/TIA training pool; an item is "aligned" when
-  ``sum_c p_text(c) p_image(c)`` clears a threshold picked on a validation part of
-  that pool. Balanced accuracy on the same held-out set as ITA/TIA
+  text tokens plus a vote of the first (title) token, and a logistic regression over
+  the image patches, trained on clean items of the ITA/TIA training pool; an item is
+  "aligned" when ``sum_c p_text(c) p_image(c)`` clears a threshold picked on a
+  validation part of that pool. Balanced accuracy on the same held-out set as ITA/TIA
   (:func:`training.evaluate.balanced_alignment_items`).
 """
 

@@ -8,7 +8,7 @@ import torch
 
 from data.dataset import Catalog, FieldSpec
 from models.camenn import CameNN, CameNNConfig
-from training.loop import CatalogTensors, look_alikes, param_groups
+from training.loop import CatalogTensors, look_alikes, param_groups, perturb
 
 FIELDS = (FieldSpec("item_id", 101), FieldSpec("kind", 7))
 
@@ -108,3 +108,22 @@ def test_cvr_gradient_into_the_cls_output_is_scaled_and_its_value_kept() -> None
         grads.append((emb.detach(), model.tower.cls.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0])  # same embedding
     assert torch.allclose(grads[1][1], grads[0][1] * 0.1, atol=1e-7)
+
+
+def test_perturb_masks_dropped_tokens_keeps_the_title_and_the_order() -> None:
+    text = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1).expand(2, 6, 3).clone()
+    text_len = torch.tensor([6, 0])
+    image, has_image = torch.zeros(2, 9, 3), torch.tensor([True, False])
+    gen = torch.Generator().manual_seed(0)
+    t, tl, im, hi = perturb((text, text_len, image, has_image), (1.0, 1.0), 0.0, 0.5, gen)
+    assert tl[1] == 0 and 1 <= tl[0] <= 6  # an empty text stays empty
+    kept = t[0, : int(tl[0]), 0]
+    assert kept[0] == 0  # the first token (a title) always stays
+    assert (kept[1:] > kept[:-1]).all()  # kept tokens move up, in order
+    assert set(kept.tolist()) <= set(range(6))
+    assert im is image and hi is has_image  # no noise asked: the image is untouched
+    same = perturb((text, text_len, image, has_image), (1.0, 1.0), 0.0, 0.0, gen)
+    assert same[0] is text and same[1] is text_len  # nothing asked, nothing changed
+    noisy = perturb((text, text_len, image, has_image), (2.0, 0.5), 1.0, 0.0, gen)
+    assert 1.5 < float((noisy[0] - text).std()) < 2.5
+    assert 0.3 < float((noisy[2] - image).std()) < 0.7
