@@ -241,11 +241,11 @@ def ranker_inputs(emb: torch.Tensor, cat: CatalogTensors, items: torch.Tensor, b
 def batch_loss(model: nn.Module, cat: CatalogTensors, b: Batch, s: TrainSettings,
                gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     items = torch.from_numpy(b.items)
-    emb, ita, tia = bucketed_tower_forward(model, cat, items)
+    emb, _, _ = bucketed_tower_forward(model, cat, items)  # ITA/TIA: their own passes
     logits = model.get_submodule("ranker")(**ranker_inputs(emb, cat, items, b))
     loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(b.label))
     parts = {"cvr": loss.item()}
-    if isinstance(model, CameNN) and ita is not None and tia is not None:
+    if isinstance(model, CameNN):
         ok = torch.nonzero(cat.align_ok[items]).flatten()
         if s.align_items and len(ok) > 1:
             ok = ok[torch.randperm(len(ok), generator=gen)[: s.align_items]]
@@ -333,9 +333,9 @@ def fit(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors, s: Tr
 
 def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """The trainable parameters as optimiser groups: the item tower's parameters named
-    by its ``slow_parameter_names()`` (CameNN's content path; else all of the tower but
-    the ITA/TIA heads) at ``lr`` x the config's ``tower_lr_mult`` (1 when the model has
-    none), everything else at ``lr``.
+    by its ``slow_parameter_names()`` (CameNN: see there; a tower without it: all of
+    them) at ``lr`` x the config's ``tower_lr_mult`` (1 when the model has none),
+    everything else at ``lr``.
     Measured (CameNN, 2 epochs, half look-alike negatives): heads at 0.1x, ITA/TIA
     0.68 / 0.68 on planted mismatches; at the full rate 0.75 / 0.71 (test AUC 0.7802
     and 0.7809)."""
@@ -344,10 +344,7 @@ def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     tower_ids: set[int] = set()
     if isinstance(tower, nn.Module):
         slow = getattr(tower, "slow_parameter_names", None)
-        names = (
-            slow() if callable(slow)
-            else {n for n, _ in tower.named_parameters() if not n.startswith(("ita.", "tia."))}
-        )  # fmt: skip
+        names = slow() if callable(slow) else {n for n, _ in tower.named_parameters()}
         tower_ids = {id(p) for n, p in tower.named_parameters() if n in names}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
