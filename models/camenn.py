@@ -129,6 +129,16 @@ class CameNNItemTower(nn.Module):
             return {n for n in names if n.startswith(("pool_text.", "pool_image.", "ln_f."))}
         return {n for n in names if not n.startswith(("ita.", "tia."))}
 
+    def alignment_parameter_names(self) -> set[str]:
+        """What an ITA/TIA-only phase after CVR training may change: with ``align_path``
+        the alignment transformer, its input projections and the heads (the embedding
+        reads the [CLS] output only through ``cls_gate``, which stays); without it the
+        heads alone, since the rest of the tower is the embedding."""
+        names = {n for n, _ in self.named_parameters()}
+        if self.align_path:
+            return names - self.slow_parameter_names() - {"cls_gate"}
+        return {n for n in names if n.startswith(("ita.", "tia."))}
+
     def forward(
         self,
         text: torch.Tensor,

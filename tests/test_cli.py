@@ -38,3 +38,17 @@ def test_bad_data_path_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptur
 def test_console_script_help_does_not_import_torch() -> None:
     code = "import sys; from mmrank.cli import build_parser; build_parser(); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_flags_reach_the_training_settings() -> None:
+    from mmrank.cli import _settings, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--model", "em3", "--data", "w", "--out", "r", "--epochs", "9",
+         "--lora-epochs", "3", "--align-steps", "7"]
+    )  # fmt: skip
+    s = _settings(args)
+    assert (s.epochs, s.lora_epochs, s.align_steps) == (9, 3, 7)
+    default = _settings(build_parser().parse_args(["train", "--model", "em3", "--data", "w",
+                                                   "--out", "r"]))  # fmt: skip
+    assert (default.lora_epochs, default.align_steps) == (2, 500)

@@ -10,14 +10,22 @@ import pytest
 import torch
 
 from data.world import load_world
+from models.camenn import CameNN
 from training.evaluate import evaluate_run, render_report
-from training.loop import CatalogTensors, TrainSettings, predict
-from training.runs import load_run
+from training.loop import CatalogTensors, TrainSettings, _FitState, align_phase, predict
+from training.runs import load_run, model_config
 from training.train import train_run
 
 
 def tiny_settings(**kw: object) -> TrainSettings:
-    base = {"epochs": 3, "cands_per_batch": 512, "progress": False, "lora_epochs": 1, "patience": 3}
+    base = {
+        "epochs": 3,
+        "cands_per_batch": 512,
+        "progress": False,
+        "lora_epochs": 1,
+        "patience": 3,
+        "align_steps": 20,
+    }
     return TrainSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -86,3 +94,23 @@ def test_evaluate_with_baselines_writes_metrics_and_report(
     assert 0.0 <= m["ita_accuracy"] <= 1.0 and m["alignment_test_items"] > 0
     report = (run / "report.md").read_text()
     assert report == render_report(on_disk) and "| baseline LR |" in report and "oracle" in report
+
+
+@pytest.mark.parametrize("align_path", [True, False])
+def test_align_phase_changes_the_alignment_path_only(tiny_world: Path, align_path: bool) -> None:
+    """The ITA/TIA-only steps after CVR training leave the ranker and every parameter
+    the item embedding reads (but the gated [CLS]) as they were."""
+    data = load_world(tiny_world)
+    torch.manual_seed(0)
+    model = CameNN(model_config("camenn", data, align_path=align_path))  # type: ignore[arg-type]
+    cat = CatalogTensors(data.catalog, 0.3, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = _FitState(gen=torch.Generator().manual_seed(0), rng=np.random.default_rng(0))
+    align_phase(model, data.valid, cat, tiny_settings(align_steps=5), st)
+    allowed = {f"tower.{n}" for n in model.tower.alignment_parameter_names()}
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= allowed
+    assert any(k.startswith("tower.ita.") for k in changed)
+    assert align_path == any(k.startswith("tower.blocks.") for k in changed)
+    row = st.history[-1]
+    assert row["stage"] == "align" and row["steps"] == 5 and 0 <= row["valid_auc"] <= 1
