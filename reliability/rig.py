@@ -148,6 +148,10 @@ class Rig:
         finally:
             c.close()
 
+    def service_log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the service's log (for a failure's message)."""
+        return "" if self.service is None else "\n".join(self.service.log().splitlines()[-lines:])
+
     @property
     def host_port(self) -> tuple[str, int]:
         assert self.service is not None

@@ -107,6 +107,9 @@ class FaultReport:
     max_ms: float
     same_process: bool
     problems: list[str] = field(default_factory=list)
+    # the first answers sent after the dependency returned that were not full rankings:
+    # (seconds after it returned, status, error code, ms taken); for diagnosing recovery
+    late_failures: list[tuple[float, int, str | None, float]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -132,7 +135,7 @@ def judge_fault(name: str, outs: Sequence[Outcome], fault_end: float, fault_s: f
                 recover_within_s: float = 5.0) -> FaultReport:  # fmt: skip
     sent = [o for o in outs if o.status != -1]
     late = [o for o in sent if o.took * 1e3 > deadline_ms + slack_ms]
-    bad = [o for o in sent if not allowed(o)]
+    bad = sorted((o for o in sent if not allowed(o)), key=lambda o: o.sent)
     rec = recovery_s(sent, fault_end)
     r = FaultReport(name, len(sent), status_counts(sent), sum(o.degraded for o in sent), len(late),
                     len(bad), fault_s, rec, max((o.took for o in sent), default=0.0) * 1e3,
@@ -140,10 +143,16 @@ def judge_fault(name: str, outs: Sequence[Outcome], fault_end: float, fault_s: f
     if late:
         r.problems.append(f"{len(late)} answers later than {deadline_ms:g} + {slack_ms:g} ms")
     if bad:
+        when = [round(o.sent - (fault_end - fault_s), 2) for o in bad[:10]]
         r.problems.append(f"{len(bad)} answers neither 200 nor 503 + Retry-After: "
-                          f"{status_counts(bad)} {sorted({str(o.error_code) for o in bad})}")  # fmt: skip
+                          f"{status_counts(bad)} {sorted({str(o.error_code) for o in bad})}, "
+                          f"sent at {when} s after the fault began")  # fmt: skip
+    after = sorted((o for o in sent if o.sent >= fault_end and not o.ok), key=lambda o: o.sent)
+    r.late_failures = [(round(o.sent - fault_end, 3), o.status, o.error_code, round(o.took * 1e3, 1))
+                       for o in after[:10]]  # fmt: skip
     if rec is None or rec > recover_within_s:
-        r.problems.append(f"full rankings not back to >= 99% within {recover_within_s:g}s")
+        r.problems.append(f"full rankings not back to >= 99% within {recover_within_s:g}s "
+                          f"(failures after it: {r.late_failures})")  # fmt: skip
     if not same_process:
         r.problems.append("the service process died or was replaced")
     if len(outs) - len(sent):

@@ -47,5 +47,7 @@ def test_triton_fault_under_load(
     rep = asyncio.run(run_fault(rig, src, triton_faults()[name], rate=30, before_s=1.0,
                                 fault_s=3.0, after_s=6.0))  # fmt: skip
     print("\n" + rep.line())
+    if not rep.passed:  # shown by pytest with the failure
+        print("service log:\n" + rig.service_log_tail() + "\ntriton log:\n" + rig.triton.log_tail())
     assert rep.passed, rep.line()
     assert rep.statuses.get(503, 0) > 0 and rep.statuses.get(200, 0) > 0, rep.line()
