@@ -200,7 +200,9 @@ class RankUser(FastHttpUser):
                               catch_response=True) as resp:  # fmt: skip
             latency_ms = 1e3 * (time.perf_counter() - t0)
             status = resp.status_code or 0
-            if status != 200:
+            if status == 0:  # no HTTP answer: name the client's exception (reset, timeout...)
+                error = f"HTTP 0 ({type(resp.error).__name__})"
+            elif status != 200:
                 error = f"HTTP {status}"
             else:
                 try:

@@ -24,6 +24,9 @@ from model_export.repository import open_repository
 from service.settings import Settings
 
 ADMIN = {"x-api-key": "admin-key"}
+# what hot swap must not do is fail a request; how fast the answers come on a shared
+# 2-core machine is the benchmarks' subject, so requests here carry the longest deadline
+LONG_DEADLINE = {"x-mmrank-deadline-ms": "10000"}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +55,8 @@ def test_hot_swap_under_load(w: World) -> None:
             async def client(k: int) -> None:
                 while not stop.is_set():
                     u = users[k % len(users)]
-                    r = await c.post("/v1/rank", json={"user_id": u, "candidates": cands})
+                    r = await c.post("/v1/rank", json={"user_id": u, "candidates": cands},
+                                     headers=LONG_DEADLINE)  # fmt: skip
                     answers.append((u, r.status_code, r.json()))
 
             tasks = [asyncio.create_task(client(k)) for k in range(16)]
@@ -63,7 +67,8 @@ def test_hot_swap_under_load(w: World) -> None:
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.gather(*tasks)
-            assert all(code == 200 for _, code, _ in answers)
+            failed = [(code, b) for _, code, b in answers if code != 200]
+            assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
             versions = [b["model"]["version"] for _, _, b in answers]
             assert {"test-a", "test-b"} == set(versions)
             assert versions.index("test-b") > 0
