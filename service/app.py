@@ -245,5 +245,6 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int, log_level: str
     """Run ``app`` on uvicorn with the drain of :class:`DrainingServer` (blocks)."""
     sd = settings.shutdown
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_keep_alive=settings.api.keep_alive_s,
                             timeout_graceful_shutdown=max(int(sd.drain_s - sd.unready_s), 1))  # fmt: skip
     DrainingServer(config, app, settings).run()

@@ -200,6 +200,15 @@ class ApiSettings(BaseModel):
         default_factory=list,
         description="keys accepted on /v1/admin/*; empty = the admin API is disabled (403)",
     )
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        description="an idle keep-alive connection is closed after this many seconds. Keep "
+        "it longer than the idle timeout of the clients and load balancers in front (AWS "
+        "ALB and nginx: 60 s) so that they close idle connections, not the server: a "
+        "request sent just as the server closes its connection gets no answer (a 502 "
+        "behind a balancer). uvicorn's own default is 5 s",
+    )
     docs: bool = Field(default=False, description="serve /docs and /openapi.json")
     metrics: bool = Field(default=True, description="serve /metrics (Prometheus)")
 

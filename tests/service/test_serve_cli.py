@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -12,6 +16,7 @@ import pytest
 from svc_fixtures import World, shared_world
 
 from feature_store.local_redis import free_port
+from service.settings import ApiSettings
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +24,13 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> World:
     return shared_world(tmp_path_factory.mktemp("svc"), tiny_world)
 
 
-def test_mmrank_serve(w: World) -> None:
+@contextmanager
+def served(w: World, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``mmrank serve`` on a free port until ready; its URL; terminated on exit."""
     port = free_port()
     cmd = [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(w.repo_a), "--embedded",
            str(w.store_file), "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
@@ -34,10 +41,54 @@ def test_mmrank_serve(w: World) -> None:
                 pass
             assert proc.poll() is None, "mmrank serve exited"
             time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mmrank_serve(w: World) -> None:
+    with served(w) as url:
         body = {"user_id": w.data.user_ids[0], "candidates": w.data.item_ids[:10], "top_k": 3}
         r = httpx.post(f"{url}/v1/rank", json=body, timeout=10)
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert r.json()["model"]["version"] == "test-a"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+
+def _live(sock: socket.socket) -> bytes:
+    """One GET /v2/health/live on ``sock``, read to the end of its body; the status line."""
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: svc\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection instead of answering"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    size = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:"))  # fmt: skip
+    while len(body) < size:
+        body += sock.recv(4096)
+    return head.split(b"\r\n", 1)[0]
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(1.0)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+
+
+def test_serve_closes_idle_connections_after_keep_alive_s(w: World) -> None:
+    """``api.keep_alive_s`` reaches uvicorn: an idle connection is kept (and reused)
+    shorter than it and closed by the server after it."""
+    with served(w, {"MMRANK_API__KEEP_ALIVE_S": "2"}) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            assert _live(sock) == b"HTTP/1.1 200 OK"
+            time.sleep(0.5)
+            assert not _closed_by_server(sock)
+            assert _live(sock) == b"HTTP/1.1 200 OK"  # the same connection, reused
+            time.sleep(3.0)
+            assert _closed_by_server(sock)
+    assert ApiSettings().keep_alive_s > 60  # the default outlasts a 60 s balancer idle timeout
