@@ -79,7 +79,8 @@ class RequestSource:
         return cls(bodies)
 
 
-IDLE_S = 2.0  # keep-alive connections idle longer are not reused (uvicorn closes them at 5 s)
+IDLE_S = 2.0  # keep-alive connections idle longer are not reused (a server may close them:
+# uvicorn's own default is 5 s; mmrank serve's api.keep_alive_s, 75 s, can be set lower)
 
 
 class _Conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -55,22 +56,6 @@ def test_mmrank_serve(w: World) -> None:
         assert r.json()["model"]["version"] == "test-a"
 
 
-def _live(sock: socket.socket) -> bytes:
-    """One GET /v2/health/live on ``sock``, read to the end of its body; the status line."""
-    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: svc\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, "the server closed the connection instead of answering"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    size = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:"))  # fmt: skip
-    while len(body) < size:
-        body += sock.recv(4096)
-    return head.split(b"\r\n", 1)[0]
-
-
 def _closed_by_server(sock: socket.socket) -> bool:
     sock.settimeout(1.0)
     try:
@@ -84,11 +69,24 @@ def test_serve_closes_idle_connections_after_keep_alive_s(w: World) -> None:
     shorter than it and closed by the server after it."""
     with served(w, {"MMRANK_API__KEEP_ALIVE_S": "2"}) as url:
         host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
-            assert _live(sock) == b"HTTP/1.1 200 OK"
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+
+        def live() -> None:
+            conn.request("GET", "/v2/health/live")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+
+        try:
+            live()
+            sock = conn.sock
+            assert sock is not None
             time.sleep(0.5)
             assert not _closed_by_server(sock)
-            assert _live(sock) == b"HTTP/1.1 200 OK"  # the same connection, reused
+            live()
+            assert conn.sock is sock  # the same connection, reused
             time.sleep(3.0)
             assert _closed_by_server(sock)
+        finally:
+            conn.close()
     assert ApiSettings().keep_alive_s > 60  # the default outlasts a 60 s balancer idle timeout
