@@ -110,6 +110,17 @@ class BatchingSettings(BaseModel):
         "CameNN on 1 ORT thread, 250-row calls cost 6% less per row than 500-row calls and "
         "16% less than 1000-row ones; on a GPU raise it (thousands of rows)",
     )
+    max_batch_requests: int = Field(
+        default=4,
+        ge=1,
+        description="requests (user rows) per inference call. The exported CameNN "
+        "candidate-isolated graph scores each candidate against the keys of every user row "
+        "of its batch, masked (models.common.attend_own_user: no per-candidate copies), so "
+        "its attention work grows with the users per batch: measured on 1 ORT thread, "
+        "256 rows cost 2.8 / 3.7 / 6.0 ms with 1 / 2 / 4 users, more than the copying "
+        "layout from ~6 users. On CPU a user row costs about as much as ~100 candidate "
+        "rows, so merging small requests saves little there; on a GPU raise it",
+    )
     fill_batches: bool = Field(
         default=False,
         description="true: split requests at the batch boundary so that every batch but "

@@ -9,6 +9,7 @@ import torch
 
 from models.baselines import Baseline, BaselineConfig
 from models.camenn import CameNN, CameNNConfig
+from models import common
 from models.common import HistoryKernels
 from models.em3 import EM3, EM3Config
 
@@ -148,6 +149,20 @@ def test_batch_independence(name: str) -> None:
             cand_user=torch.zeros(1, dtype=torch.long),
         )
         assert abs(float(alone[0]) - float(mixed[i])) <= 1e-5
+
+
+@pytest.mark.parametrize("u", [1, 3, 6])
+@torch.no_grad()
+def test_isolated_attention_layouts_agree(u: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masked layout (exported graphs, few users) and the gathered one (training
+    batches) of ``attend_own_user`` are the same function, empty histories included."""
+    model = camenn("candidate-isolated")
+    x = ranker_inputs(model, u=u, n=6, b=25, seed=u)
+    monkeypatch.setattr(common, "MASKED_MAX_USERS", 0)
+    gathered = model.ranker(**x)
+    monkeypatch.setattr(common, "MASKED_MAX_USERS", 10)
+    masked = model.ranker(**x)
+    assert torch.allclose(gathered, masked, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
