@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from models import common
 from models.baselines import Baseline, BaselineConfig
 from models.camenn import CameNN, CameNNConfig
-from models import common
 from models.common import HistoryKernels
 from models.em3 import EM3, EM3Config
 
