@@ -1,6 +1,8 @@
 """The Redis feature store the service reads through (redis.asyncio, hiredis parser).
 
-- Single node: one ``MGET`` per round trip (user record + candidate records together).
+- Single node: one ``MGET`` per round trip (user record + candidate records together),
+  sent through :mod:`feature_store.resp` (hiredis in C, no per-call tasks) for
+  ``redis://`` URLs; redis-py for everything else.
 - Redis Cluster: ``mget_nonatomic``: one MGET per hash-tag bucket (:mod:`feature_store.keys`),
   sent as one pipeline per node, concurrently.
 - Every call is bounded: ``socket_timeout_s`` per command, ``connect_timeout_s`` per
@@ -35,6 +37,7 @@ from feature_store.keys import (
     pointer_key,
     user_key,
 )
+from feature_store.resp import RespError, RespPool, endpoint, pack
 from feature_store.store import FeatureStore
 
 
@@ -106,13 +109,17 @@ class RedisStore(FeatureStore):
         self.ns = check_name("namespace", s.namespace)
         self.client: Any = client if client is not None else connect(s)
         self.cluster = s.cluster
+        ep = None if s.cluster or client is not None else endpoint(s.url)
+        self._resp = None if ep is None else RespPool(
+            ep, max_connections=s.max_connections, timeout_s=s.socket_timeout_s,
+            connect_timeout_s=s.connect_timeout_s, retries=s.retries)  # fmt: skip
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
         except (rex.ConnectionError, rex.TimeoutError, TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis at {self.settings.url}: {exc}") from exc
-        except rex.RedisError as exc:  # cluster down, moved beyond retries, ...
+        except (rex.RedisError, RespError) as exc:  # cluster down, NOPERM, ...
             raise StoreUnavailable(f"redis at {self.settings.url}: {exc}") from exc
 
     async def _get_pointer(self) -> str | None:
@@ -130,7 +137,9 @@ class RedisStore(FeatureStore):
             keys.append(user_key(self.ns, manifest.version, user_id, manifest.key_buckets))
         if not keys:
             return None, []
-        if self.cluster:
+        if self._resp is not None:
+            values = await self._call(self._resp.execute(pack("MGET", *keys)))
+        elif self.cluster:
             values = await self._call(self.client.mget_nonatomic(keys))
         else:
             values = await self._call(self.client.mget(keys))
@@ -145,4 +154,6 @@ class RedisStore(FeatureStore):
             return False
 
     async def close(self) -> None:
+        if self._resp is not None:
+            await self._resp.close()
         await self.client.aclose()
