@@ -130,9 +130,21 @@ class RespPool:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.retries = retries
+        self.max_connections = max_connections
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._open: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind(self) -> None:
+        """Connections belong to the loop that opened them: on another loop (a client
+        reused across ``asyncio.run`` calls) start afresh."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._idle.clear()
+            self._open.clear()
+            self._slots = asyncio.Semaphore(self.max_connections)
 
     async def execute(self, packed: bytes) -> Any:
         """The reply to one packed command (an idempotent read), retried as described."""
@@ -147,6 +159,7 @@ class RespPool:
                 await asyncio.sleep(min(0.05, 0.005 * 2 ** (failures - 1)))
 
     async def _once(self, packed: bytes) -> Any:
+        self._bind()
         if self._slots.locked():  # every connection busy: wait, bounded
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.timeout_s)

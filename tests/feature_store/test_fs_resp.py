@@ -171,3 +171,11 @@ def test_pool_bound_waits_for_a_free_connection() -> None:
             await p.close()
 
         asyncio.run(main())
+
+
+def test_a_pool_reused_on_another_event_loop() -> None:
+    with LocalRedis() as r:
+        r.client().set("k", b"v")
+        p = _pool(r.port)
+        for _ in range(2):  # the second asyncio.run has a new loop; the old one is closed
+            assert asyncio.run(p.execute(_cmd("GET", "k"))) == b"v"
