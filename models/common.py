@@ -138,7 +138,7 @@ def attend_own_user(
     Measured (ONNX Runtime CPU, 1 thread, demo-sized CameNN, S = 53): masked is 2.1x
     faster for one user row (250 candidates: 2.6 against 5.5 ms), 1.2x for 4, slower
     from ~6. Exported graphs (the serving path) use the masked layout, and the service's
-    batcher caps the requests per batch (``batching.max_batch_requests``); eager PyTorch
+    batcher bounds requests x rows per batch (``batching.max_user_rows``); eager PyTorch
     picks by U, so training batches of many users keep the gathered one.
     """
     u, h, s, hs = ku.shape

@@ -3,17 +3,19 @@ scored together, one backend call per batch.
 
 Each request is a :class:`Job` with a future. One collector task loops: wait for a free
 worker (``workers`` batches in flight at most), wait for the first job, then let the
-batch fill until it holds ``max_batch_rows`` rows or ``max_batch_requests`` requests or
-the oldest job has waited ``max_delay`` (whichever first; a job that already waited for a worker closes the batch
+batch fill until it holds ``max_batch_rows`` rows or the oldest job has waited
+``max_delay`` (whichever first; a job that already waited for a worker closes the batch
 at once), take rows from the front of the queue and hand the batch to the backend in a
 task of its own, so the next batch is collected (and the next requests' features are
 fetched) while this one is scored.
 
 Guarantees:
 
-- a batch holds at least one row, at most ``max_batch_rows`` rows and at most
-  ``max_batch_requests`` requests (the exported CameNN graph's work grows with the
-  user rows of a batch: :func:`models.common.attend_own_user`); with ``fill`` a
+- a batch holds at least one row, at most ``max_batch_rows`` rows, and its requests x
+  rows stay within ``max_user_rows`` (0: no bound) unless it holds one request: the
+  exported CameNN graph scores every candidate against every user row of its batch
+  (:func:`models.common.attend_own_user`), so that product is its attention work; with
+  ``fill`` a
   request larger than the room left is split (the rest goes into the next batches);
   without it only a request larger than a whole batch is split, and a batch closes
   when the next request does not fit. Split scores are merged back in candidate
@@ -85,11 +87,11 @@ class Batcher:
         retry_after_s: int,
         metrics: Metrics | None = None,
         fill: bool = True,
-        max_batch_requests: int = 1_000_000,
+        max_user_rows: int = 0,
     ) -> None:
         self.backend = backend
         self.max_batch_rows = max_batch_rows
-        self.max_batch_requests = max_batch_requests
+        self.max_user_rows = max_user_rows
         self.fill = fill
         self.max_delay_s = max_delay_s
         self.queue_limit = queue_limit
@@ -179,9 +181,9 @@ class Batcher:
                 self.metrics.rejected(reason)
 
     async def _collect(self) -> list[tuple[Job, Piece]]:
-        """Wait for rows, then take up to ``max_batch_rows`` of them from at most
-        ``max_batch_requests`` jobs at the front of the queue: (job, piece of its
-        candidates) pairs, one per job."""
+        """Wait for rows, then take up to ``max_batch_rows`` of them from jobs at the
+        front of the queue (within ``max_user_rows``): (job, piece of its candidates)
+        pairs, one per job."""
         while True:
             self._drop_dead()
             if not self._queue:
@@ -189,8 +191,7 @@ class Batcher:
                 await self._changed.wait()
                 continue
             close_at = self._queue[0].enqueued + self.max_delay_s
-            while (self._rows_waiting < self.max_batch_rows
-                   and len(self._queue) < self.max_batch_requests):  # fmt: skip
+            while self._rows_waiting < self.max_batch_rows:
                 wait = close_at - time.monotonic()
                 if wait <= 0:
                     break
@@ -202,7 +203,7 @@ class Batcher:
             self._drop_dead()
             out: list[tuple[Job, Piece]] = []
             room = self.max_batch_rows
-            while self._queue and room and len(out) < self.max_batch_requests:
+            while self._queue and room:
                 job = self._queue[0]
                 if job.future.done() or time.monotonic() >= job.deadline:
                     self._drop_dead()
@@ -211,6 +212,9 @@ class Batcher:
                 if out and not self.fill and left > room:
                     break  # the next request waits for a batch of its own
                 take = min(left, room)
+                cap = self.max_user_rows
+                if out and cap and (len(out) + 1) * (self.max_batch_rows - room + take) > cap:
+                    break  # one more user row would cost more attention than it saves
                 piece = Piece(job.user, job.cand_emb, job.cand_sparse, job.taken, job.taken + take)
                 out.append((job, piece))
                 job.taken += take

@@ -94,24 +94,26 @@ def test_without_fill_only_oversized_requests_are_split(w: World) -> None:
     asyncio.run(go())
 
 
-def test_requests_per_batch_are_capped(w: World) -> None:
+def test_requests_x_rows_per_batch_are_capped(w: World) -> None:
     sess = open_repository(w.repo_a, golden=False).session("ranker")
     users = w.data.user_ids[:5]
-    cands = w.data.item_ids[:20]
+    sizes = (10, 10, 10, 20, 20)
 
     async def go() -> None:
         m = Metrics()
-        b = _batcher(w, m, max_batch_requests=2, max_delay_s=0.2)  # the five queue together
+        b = _batcher(w, m, max_user_rows=60, max_delay_s=0.2)  # the five queue together
         b.start()
-        jobs = [_job(w, u, cands) for u in users]
+        jobs = [_job(w, u, w.data.item_ids[:k]) for u, k in zip(users, sizes, strict=True)]
         got = await asyncio.gather(*(b.submit(j) for j in jobs))
-        for u, g in zip(users, got, strict=True):
-            np.testing.assert_allclose(g, sess.run(["cvr"], direct_feeds(w, u, cands))[0],
-                                       atol=1e-6)  # fmt: skip
+        for u, g, k in zip(users, got, sizes, strict=True):
+            want = sess.run(["cvr"], direct_feeds(w, u, w.data.item_ids[:k]))[0]
+            np.testing.assert_allclose(g, want, atol=1e-6)
         reqs = next(iter(m.batch_requests.collect())).samples
         total = next(s.value for s in reqs if s.name.endswith("_sum"))
         calls = next(s.value for s in reqs if s.name.endswith("_count"))
-        assert total == 5 and calls == 3  # 2 + 2 + 1, though 100 rows fit one batch
+        # requests x rows <= 60: 10+10 (2 x 20), then 10+20 (2 x 30), then 20 alone;
+        # 70 rows would fit one batch of 256
+        assert total == 5 and calls == 3
         await b.close()
 
     asyncio.run(go())

@@ -57,10 +57,10 @@ def test_concurrent_requests_score_as_alone(w: World) -> None:
         {"user_id": w.data.user_ids[i % 50], "candidates": _cands(w, 20 + (i * 7) % 280, i)}
         for i in range(200)
     ]
-    # correctness, not speed: a deadline that a loaded 2-core machine cannot miss
-    s = settings(w.repo_a, w.store_file, api={"default_deadline_ms": 60_000},
-                 batching={"max_batch_rows": 512, "max_delay_ms": 5,
-                                                   "queue_limit": 256})  # fmt: skip
+    # correctness, not speed: a deadline that a loaded 2-core machine cannot miss; requests
+    # merge without the CPU cost bound (max_user_rows 0): batching is the subject here
+    batching = {"max_batch_rows": 512, "max_delay_ms": 5, "queue_limit": 256, "max_user_rows": 0}
+    s = settings(w.repo_a, w.store_file, api={"default_deadline_ms": 60_000}, batching=batching)
 
     async def go() -> None:
         async with running(s) as (_, c):
