@@ -76,10 +76,10 @@ def test_queue_full_429_kill_503_restart_200(w: World, server: LocalTriton) -> N
         w.store_file,
         backend={"kind": "triton", "triton_url": server.grpc_url, "triton_model": SLOW,
                  "workers": 4},
-        # the batches this test was written for: 1024-row batches filled across requests
-        # (the defaults are 256 rows, no filling: every 400-candidate request would be two
-        # Triton calls, and a request answers 200 only if both get through)
-        batching={"max_batch_rows": 1024, "fill_batches": True},
+        # the batches this test was written for: 1024-row batches filled across requests,
+        # with no bound on requests x rows (with the defaults a 400-candidate request is
+        # one call of its own)
+        batching={"max_batch_rows": 1024, "fill_batches": True, "max_user_rows": 0},
     )  # fmt: skip
     users, items = w.data.user_ids, w.data.item_ids
 
