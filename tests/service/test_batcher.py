@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import Histogram
 from svc_fixtures import World, direct_feeds, shared_world
 
 from model_export.repository import open_repository
@@ -45,75 +46,59 @@ def _batcher(w: World, metrics: Metrics, **kw: float) -> Batcher:
                    workers=1, timeout_s=10, retry_after_s=1, metrics=metrics, **opts)  # fmt: skip
 
 
-def test_split_merge_and_padding(w: World) -> None:
-    sess = open_repository(w.repo_a, golden=False).session("ranker")
-    users = w.data.user_ids[:3]
-    cands = w.data.item_ids[:300]
+def _sum_count(h: Histogram) -> tuple[float, float]:
+    samples = next(iter(h.collect())).samples
+    total = next(s.value for s in samples if s.name.endswith("_sum"))
+    return total, next(s.value for s in samples if s.name.endswith("_count"))
 
+
+async def _scored_as_alone(w: World, b: Batcher, sizes: tuple[int, ...]) -> None:
+    """Requests of ``sizes`` candidates (one user each) queued together get the scores
+    the ranker gives each alone."""
+    sess = open_repository(w.repo_a, golden=False).session("ranker")
+    users, cands = w.data.user_ids[: len(sizes)], w.data.item_ids
+    jobs = [_job(w, u, cands[:k]) for u, k in zip(users, sizes, strict=True)]
+    got = await asyncio.gather(*(b.submit(j) for j in jobs))
+    for u, g, k in zip(users, got, sizes, strict=True):
+        want = sess.run(["cvr"], direct_feeds(w, u, cands[:k]))[0]
+        np.testing.assert_allclose(g, want, atol=1e-6)
+
+
+def test_split_merge_and_padding(w: World) -> None:
     async def go() -> None:
         m = Metrics()
         b = _batcher(w, m)
         b.start()
-        jobs = [_job(w, u, cands[: 100 * (k + 1)]) for k, u in enumerate(users)]
-        got = await asyncio.gather(*(b.submit(j) for j in jobs))
-        for j, u, g in zip(jobs, users, got, strict=True):
-            want = sess.run(["cvr"], direct_feeds(w, u, cands[: j.rows]))[0]
-            np.testing.assert_allclose(g, want, atol=1e-6)
-        rows = next(iter(m.batch_rows.collect())).samples
-        total = next(s.value for s in rows if s.name.endswith("_sum"))
-        calls = next(s.value for s in rows if s.name.endswith("_count"))
-        assert total == 600 and calls == 3  # 256 + 256 + 88: full batches, split requests
+        await _scored_as_alone(w, b, (100, 200, 300))
+        assert _sum_count(m.batch_rows) == (600, 3)  # 256 + 256 + 88: full batches, split
         await b.close()
 
     asyncio.run(go())
 
 
 def test_without_fill_only_oversized_requests_are_split(w: World) -> None:
-    sess = open_repository(w.repo_a, golden=False).session("ranker")
-    users = w.data.user_ids[:4]
-    cands = w.data.item_ids[:300]
-
     async def go() -> None:
         m = Metrics()
         b = _batcher(w, m, fill=False, max_delay_s=0.2)  # the four requests queue together
         b.start()
-        sizes = (100, 200, 300, 50)
-        jobs = [_job(w, u, cands[:k]) for u, k in zip(users, sizes, strict=True)]
-        got = await asyncio.gather(*(b.submit(j) for j in jobs))
-        for u, g, k in zip(users, got, sizes, strict=True):
-            want = sess.run(["cvr"], direct_feeds(w, u, cands[:k]))[0]
-            np.testing.assert_allclose(g, want, atol=1e-6)
-        rows = next(iter(m.batch_rows.collect())).samples
-        total = next(s.value for s in rows if s.name.endswith("_sum"))
-        calls = next(s.value for s in rows if s.name.endswith("_count"))
+        await _scored_as_alone(w, b, (100, 200, 300, 50))
         # 100 | 200 | 256 of 300 | its last 44 + 50: a request goes whole into a batch
         # unless it alone is larger than one
-        assert total == 650 and calls == 4
+        assert _sum_count(m.batch_rows) == (650, 4)
         await b.close()
 
     asyncio.run(go())
 
 
 def test_requests_x_rows_per_batch_are_capped(w: World) -> None:
-    sess = open_repository(w.repo_a, golden=False).session("ranker")
-    users = w.data.user_ids[:5]
-    sizes = (10, 10, 10, 20, 20)
-
     async def go() -> None:
         m = Metrics()
         b = _batcher(w, m, max_user_rows=60, max_delay_s=0.2)  # the five queue together
         b.start()
-        jobs = [_job(w, u, w.data.item_ids[:k]) for u, k in zip(users, sizes, strict=True)]
-        got = await asyncio.gather(*(b.submit(j) for j in jobs))
-        for u, g, k in zip(users, got, sizes, strict=True):
-            want = sess.run(["cvr"], direct_feeds(w, u, w.data.item_ids[:k]))[0]
-            np.testing.assert_allclose(g, want, atol=1e-6)
-        reqs = next(iter(m.batch_requests.collect())).samples
-        total = next(s.value for s in reqs if s.name.endswith("_sum"))
-        calls = next(s.value for s in reqs if s.name.endswith("_count"))
+        await _scored_as_alone(w, b, (10, 10, 10, 20, 20))
         # requests x rows <= 60: 10+10 (2 x 20), then 10+20 (2 x 30), then 20 alone;
         # 70 rows would fit one batch of 256
-        assert total == 5 and calls == 3
+        assert _sum_count(m.batch_requests) == (5, 3)
         await b.close()
 
     asyncio.run(go())
@@ -133,8 +118,7 @@ def test_failure_reaches_every_request_and_cancelled_are_skipped(w: World) -> No
         futs = [b.submit(good), b.submit(bad)]
         res = await asyncio.gather(*futs, return_exceptions=True)
         assert all(isinstance(r, BackendError) for r in res), res
-        rows = next(iter(m.batch_rows.collect())).samples
-        assert next(s.value for s in rows if s.name.endswith("_sum")) == 40  # not 60
+        assert _sum_count(m.batch_rows)[0] == 40  # not 60
         # the batcher still works after a failed batch
         ok = await b.submit(_job(w, w.data.user_ids[1], cands))
         assert ok.shape == (20,)
