@@ -131,23 +131,43 @@ def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+_MAPPED = (ServiceError, BackendError, FeatureStoreError, ModelRepositoryError, TimeoutError)
+
+
+def _invalid_input(exc: RequestValidationError) -> InvalidInput:
+    parts = []
+    for e in exc.errors()[:10]:  # locations and messages; the input is never echoed
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return InvalidInput("; ".join(parts))
+
+
+def client_error(exc: Exception, retry_after: int, where: str) -> ServiceError:
+    """What the client is told about ``exc`` raised while answering ``where`` (e.g.
+    ``POST /v1/rank``), logged as the handlers below log it: the handlers of
+    :func:`install` and the middleware's direct ranking path share it."""
+    if isinstance(exc, RequestValidationError):
+        return _invalid_input(exc)
+    if isinstance(exc, _MAPPED):
+        err = to_service_error(exc, retry_after)
+        if err.status >= 500 and not isinstance(exc, ServiceError):
+            # the lower layer's message may name hosts or files: logs only
+            log.warning("%s -> %d: %s", where, err.status, exc)
+        return err
+    log.error("unhandled error on %s", where, exc_info=exc)
+    return Internal("internal error")
+
+
 def install(app: FastAPI, retry_after: int) -> None:
     """Register every handler (called once by the app factory)."""
 
     async def service_error(request: Request, exc: Exception) -> JSONResponse:
-        err = to_service_error(exc, retry_after)
-        if err.status >= 500 and not isinstance(exc, ServiceError):
-            # the lower layer's message may name hosts or files: logs only
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, err.status, exc)
-        return error_response(err, _request_id(request))
+        where = f"{request.method} {request.url.path}"
+        return error_response(client_error(exc, retry_after, where), _request_id(request))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        parts = []
-        for e in exc.errors()[:10]:  # locations and messages; the input is never echoed
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
-        return error_response(InvalidInput("; ".join(parts)), _request_id(request))
+        return error_response(_invalid_input(exc), _request_id(request))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -159,10 +179,10 @@ def install(app: FastAPI, retry_after: int) -> None:
         return error_response(err, _request_id(request), dict(exc.headers or {}))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(Internal("internal error"), _request_id(request))
+        where = f"{request.method} {request.url.path}"
+        return error_response(client_error(exc, retry_after, where), _request_id(request))
 
-    for cls in (ServiceError, BackendError, FeatureStoreError, ModelRepositoryError, TimeoutError):
+    for cls in _MAPPED:
         app.add_exception_handler(cls, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -90,3 +91,34 @@ def test_serve_closes_idle_connections_after_keep_alive_s(w: World) -> None:
         finally:
             conn.close()
     assert ApiSettings().keep_alive_s > 60  # the default outlasts a 60 s balancer idle timeout
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of a metric line ``name`` (with its labels) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_leaves_is_not_scored(w: World) -> None:
+    """A request whose client disconnects while it waits for its batch is dropped before
+    inference: counted as client_gone (499), no rows scored for it. The batch waits
+    2 s for more rows, so the client (gone after 0.3 s) leaves first."""
+    with served(w, {"MMRANK_BATCHING__MAX_DELAY_MS": "2000"}) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = (b'{"user_id": "%s", "candidates": ["%s"]}'
+                % (w.data.user_ids[0].encode(), w.data.item_ids[0].encode()))  # fmt: skip
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            time.sleep(0.3)
+        time.sleep(2.5)  # past the batch's delay
+        m = httpx.get(f"{url}/metrics", timeout=5).text
+        assert _metric(m, 'mmrank_rejections_total{reason="client_gone"}') == 1
+        assert _metric(m, 'mmrank_requests_total{outcome="client_gone"}') == 1
+        assert _metric(m, "mmrank_batch_rows_count") == 0  # nothing reached inference
+        # the service answers the next client as usual (a deadline past the batch's delay)
+        r = httpx.post(f"{url}/v1/rank", json=json.loads(body), timeout=10,
+                       headers={ApiSettings().deadline_header: "5000"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["items"][0]["item_id"] == w.data.item_ids[0]
