@@ -241,7 +241,8 @@ class Batcher:
                 b = len(inputs["cand_user"])
                 if self.metrics:
                     self.metrics.batch(b, len(pieces))
-                out = await asyncio.wait_for(self.backend.infer(inputs), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    out = await self.backend.infer(inputs)
                 out = np.asarray(out, dtype=np.float32).reshape(-1)
                 if out.shape != (b,):
                     raise BackendError(f"backend returned {out.shape[0]} scores for {b} rows")

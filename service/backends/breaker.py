@@ -47,7 +47,8 @@ class BreakerBackend(Backend):
         if time.monotonic() < self.open_until:
             raise BackendUnavailable(f"{self.name}: failing fast after a recent outage")
         try:
-            out = await asyncio.wait_for(self.inner.infer(inputs), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # no task per call, as wait_for makes
+                out = await self.inner.infer(inputs)
         except TimeoutError:
             self._trip()
             raise BackendUnavailable(f"{self.name}: no answer in {self.timeout_s:g}s") from None
