@@ -161,13 +161,9 @@ def client_error(exc: Exception, retry_after: int, where: str) -> ServiceError:
 def install(app: FastAPI, retry_after: int) -> None:
     """Register every handler (called once by the app factory)."""
 
-    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+    async def mapped(request: Request, exc: Exception) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
         return error_response(client_error(exc, retry_after, where), _request_id(request))
-
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        return error_response(_invalid_input(exc), _request_id(request))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -178,12 +174,7 @@ def install(app: FastAPI, retry_after: int) -> None:
         # keeps e.g. the Allow header of a 405 (RFC 9110)
         return error_response(err, _request_id(request), dict(exc.headers or {}))
 
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        where = f"{request.method} {request.url.path}"
-        return error_response(client_error(exc, retry_after, where), _request_id(request))
-
-    for cls in _MAPPED:
-        app.add_exception_handler(cls, service_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    # Exception too: registered under it, Starlette would re-raise after answering
+    for cls in (*_MAPPED, RequestValidationError, Exception):
+        app.add_exception_handler(cls, mapped)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)

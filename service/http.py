@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from service.app import Services
 
 Headers = dict[bytes, bytes]  # an ASGI request's headers (names lower-case)
-JSON = [(b"content-type", b"application/json")]
 
 T = TypeVar("T")
 RANK_PATH = "/v1/rank"
@@ -94,10 +93,7 @@ class HttpMiddleware:
         server (under overload this path runs many times per accepted request: measured,
         a Response object per refusal cost a share of the goodput at 5x saturation)."""
         body = self._busy if rid is None else orjson.dumps(error_body(self._busy_err, rid))
-        await send({"type": "http.response.start", "status": 429, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(self.retry_after).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 429, body, self.retry_after)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
                       rid: str | None, ranking: bool, started: float, status: list[int]) -> None:  # fmt: skip
@@ -151,14 +147,20 @@ class HttpMiddleware:
         try:
             payload = await rank_body(scope["app"].state.services, headers, body, started,
                                       receive)  # fmt: skip
-            status, extra = 200, []
         except Exception as exc:
             err = client_error(exc, self.retry_after, "POST /v1/rank")
-            payload, status = orjson.dumps(error_body(err, rid)), err.status
-            extra = [] if err.retry_after is None else [(b"retry-after", b"%d" % err.retry_after)]
-        await send({"type": "http.response.start", "status": status, "headers": [
-            *JSON, (b"content-length", b"%d" % len(payload)), *extra]})  # fmt: skip
-        await send({"type": "http.response.body", "body": payload})
+            await _send_json(send, err.status, orjson.dumps(error_body(err, rid)), err.retry_after)
+            return
+        await _send_json(send, 200, payload)
+
+
+async def _send_json(send: Send, status: int, body: bytes, retry_after: int | None = None) -> None:
+    """A whole JSON answer written straight to the ASGI server (no Response object)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if retry_after is not None:
+        headers.append((b"retry-after", b"%d" % retry_after))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def rank_body(svc: Services, headers: Headers, body: bytes, started: float,
