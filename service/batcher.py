@@ -2,7 +2,8 @@
 scored together, one backend call per batch.
 
 Each request is a :class:`Job` with a future. One collector task loops: wait for a free
-worker (``workers`` batches in flight at most), wait for the first job, then let the
+slot (``in_flight`` batches handed to the backend at most: its workers plus the batches
+queued at it, ``batching.prefetch``), wait for the first job, then let the
 batch fill until it holds ``max_batch_rows`` rows or the oldest job has waited
 ``max_delay`` (whichever first; a job that already waited for a worker closes the batch
 at once), take rows from the front of the queue and hand the batch to the backend in a
@@ -82,7 +83,7 @@ class Batcher:
         max_delay_s: float,
         queue_limit: int,
         hist_buckets: Sequence[int],
-        workers: int,
+        in_flight: int,
         timeout_s: float,
         retry_after_s: int,
         metrics: Metrics | None = None,
@@ -102,7 +103,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._rows_waiting = 0
         self._changed = asyncio.Event()
-        self._workers = asyncio.Semaphore(workers)
+        self._slots = asyncio.Semaphore(in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepted = 0
         self._answered = 0
@@ -150,11 +151,11 @@ class Batcher:
     # -- collector -----------------------------------------------------------------
     async def _collect_forever(self) -> None:
         while True:
-            await self._workers.acquire()
+            await self._slots.acquire()
             try:
                 pieces = await self._collect()
             except BaseException:
-                self._workers.release()
+                self._slots.release()
                 raise
             task = asyncio.create_task(self._score(pieces))
             self._tasks.add(task)
@@ -259,11 +260,11 @@ class Batcher:
                 if not j.future.done():
                     j.future.set_exception(exc if isinstance(exc, Exception) else BackendError(
                         "inference cancelled"))  # fmt: skip
-            self._workers.release()
+            self._slots.release()
             if not isinstance(exc, Exception):
                 raise
             return
-        self._workers.release()
+        self._slots.release()
         done = time.monotonic()
         if self.metrics:
             self.metrics.stage("inference", done - t0)

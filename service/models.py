@@ -207,7 +207,7 @@ async def load_slot(settings: Settings, root: Path, metrics: Metrics | None) -> 
     batcher = Batcher(backend, max_batch_rows=b.max_batch_rows, max_delay_s=b.max_delay_ms / 1e3,
                       queue_limit=b.queue_limit, hist_buckets=buckets, fill=b.fill_batches,
                       max_user_rows=b.max_user_rows,
-                      workers=settings.backend.workers,
+                      in_flight=settings.backend.workers + b.prefetch,
                       timeout_s=settings.backend.timeout_ms / 1e3,
                       retry_after_s=settings.api.retry_after_s, metrics=metrics)  # fmt: skip
     batcher.start()

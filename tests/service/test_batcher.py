@@ -40,10 +40,10 @@ def _job(w: World, user: str, cands: list[str], bad: bool = False) -> Job:
 
 def _batcher(w: World, metrics: Metrics, **kw: float) -> Batcher:
     repo = open_repository(w.repo_a, golden=False)
-    opts: dict = {"max_batch_rows": 256, "max_delay_s": 0.05, "queue_limit": 8}
+    opts: dict = {"max_batch_rows": 256, "max_delay_s": 0.05, "queue_limit": 8, "in_flight": 1}
     opts.update(kw)
     return Batcher(OnnxRuntimeBackend(repo, device="cpu"), hist_buckets=[8, 16, 32, 50],
-                   workers=1, timeout_s=10, retry_after_s=1, metrics=metrics, **opts)  # fmt: skip
+                   timeout_s=10, retry_after_s=1, metrics=metrics, **opts)  # fmt: skip
 
 
 def _sum_count(h: Histogram) -> tuple[float, float]:
@@ -71,6 +71,35 @@ def test_split_merge_and_padding(w: World) -> None:
         b.start()
         await _scored_as_alone(w, b, (100, 200, 300))
         assert _sum_count(m.batch_rows) == (600, 3)  # 256 + 256 + 88: full batches, split
+        await b.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_prefetched_batch_waits_at_the_backend(w: World, in_flight: int) -> None:
+    """With one worker thread and ``in_flight`` = 2 (``batching.prefetch`` = 1) the next
+    batch is handed to the backend while the first is scored (it waits in the thread
+    pool's queue); with 1 never. Scores are the same either way. The real backend's
+    ``infer`` is wrapped only to count the calls in progress."""
+
+    async def go() -> None:
+        b = _batcher(w, Metrics(), max_batch_rows=64, max_delay_s=0.0, in_flight=in_flight)
+        inner = b.backend.infer
+        pending, most = [0], [0]
+
+        async def counted(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            pending[0] += 1
+            most[0] = max(most[0], pending[0])
+            try:
+                return await inner(inputs)
+            finally:
+                pending[0] -= 1
+
+        b.backend.infer = counted  # type: ignore[method-assign]
+        b.start()
+        await _scored_as_alone(w, b, (64, 64, 64, 64, 64, 64))
+        assert most[0] == in_flight
         await b.close()
 
     asyncio.run(go())
