@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_prefetched_batch_waits_at_the_backend(w: World, in_flight: int) -> None
         inner = b.backend.infer
         pending, most = [0], [0]
 
-        async def counted(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        async def counted(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
             pending[0] += 1
             most[0] = max(most[0], pending[0])
             try:
