@@ -147,7 +147,8 @@ class BatchingSettings(BaseModel):
         "a closed batch waits at the backend (ONNX Runtime: in its thread pool's queue) and "
         "starts the moment a worker is free, instead of after the event loop has taken the "
         "last batch's scores and collected the next (the wait there counts as "
-        "timings_ms.inference); 0 = collect a batch only when a worker is free (the fullest "
+        "timings_ms.inference; a deadline passing during that wait no longer stops the "
+        "batch's inference); 0 = collect a batch only when a worker is free (the fullest "
         "batches). Measured with the ONNX Runtime thread on a core of its own, K=500, "
         "interleaved runs: 71 % -> 88 % of the model alone's throughput (one shared core: "
         "no change)",
