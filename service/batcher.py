@@ -5,7 +5,7 @@ Each request is a :class:`Job` with a future. One collector task loops: wait for
 slot (``in_flight`` batches handed to the backend at most: its workers plus the batches
 queued at it, ``batching.prefetch``), wait for the first job, then let the
 batch fill until it holds ``max_batch_rows`` rows or the oldest job has waited
-``max_delay`` (whichever first; a job that already waited for a worker closes the batch
+``max_delay`` (whichever first; a job that already waited for a slot closes the batch
 at once), take rows from the front of the queue and hand the batch to the backend in a
 task of its own, so the next batch is collected (and the next requests' features are
 fetched) while this one is scored.
