@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ from model_export.graphs import (
 )
 from model_export.manifest import ITEM_TOWER_INPUTS, RANKER_INPUTS
 from model_export.repository import read_manifest, verify_files
-from models.camenn import CameNN, CameNNConfig
-from models.em3 import EM3, EM3Config
+from models.camenn import CameNN
+from models.em3 import EM3
+from training.runs import model_from_config
 
 
 class TorchReference:
@@ -49,13 +51,9 @@ class TorchReference:
             if f not in manifest.files:
                 raise ManifestError(f"manifest.json lists no {f}: no PyTorch reference")
         meta = json.loads((root / REFERENCE_CONFIG).read_text())
-        model: CameNN | EM3
-        if meta["model"] == "camenn":
-            model = CameNN(CameNNConfig(**meta["config"]))
-        elif meta["model"] == "em3":
-            model = EM3(EM3Config(**meta["config"]))
-        else:
+        if meta["model"] not in ("camenn", "em3"):
             raise ManifestError(f"{REFERENCE_CONFIG}: unknown model {meta['model']!r}")
+        model = cast(CameNN | EM3, model_from_config(meta["model"], meta["config"]))
         model.load_state_dict(load_file(str(root / REFERENCE_WEIGHTS)))
         return cls(model, threads)
 

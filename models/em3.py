@@ -73,6 +73,14 @@ class EM3Config:
     # interactions as well as by content; False = content only. Measured (test AUC):
     # world (8 epochs) 0.8003 -> 0.8054; MovieLens (14 epochs) 0.7841 -> 0.7842
     attend_ids: bool = True
+    # a learned recency embedding (0 = the most recent history item; histories come newest
+    # first) added to the target attention's keys and values, as BST's position embedding
+    # and CameNN's ``hist_pos``: without it the attention cannot tell a last purchase from
+    # one long ago. False = none (runs trained before it). Measured (test AUC, seed 0):
+    # MovieLens (20 epochs) 0.7820 -> 0.7852, within its run-to-run noise (~0.01); the
+    # world (8 epochs; random history order) 0.8021 -> 0.8042
+    recency: bool = True
+    max_hist: int = 64  # history positions with a recency embedding
 
     @property
     def q(self) -> int:
@@ -148,6 +156,8 @@ class EM3Ranker(nn.Module):
         self.null_k = nn.Parameter(torch.zeros(a))  # the always-present empty-history slot
         self.null_v = nn.Parameter(torch.zeros(a))
         self.null_id = nn.Parameter(torch.zeros(fi * cfg.field_dim))
+        self.recency_k = nn.Embedding(cfg.max_hist, a) if cfg.recency else None
+        self.recency_v = nn.Embedding(cfg.max_hist, a) if cfg.recency else None
         d_in = len(cfg.user_buckets) * cfg.field_dim + 2 * fi * cfg.field_dim + qd + 2 * a
         d_in += cfg.history_kernels
         self.kernels = (HistoryKernels(qd, n_kernels=cfg.history_kernels)
@@ -177,8 +187,14 @@ class EM3Ranker(nn.Module):
         if self.cfg.attend_ids:
             hist_in = torch.cat([hist_in, hist_ids], -1)  # (U, N, Q*D + Fi*f)
             cand_in = torch.cat([cand_in, cand_ids], -1)  # (B, Q*D + Fi*f)
-        k = torch.cat([self.null_k.expand(u, 1, a), self.att_k(hist_in)], 1)  # (U, N+1, a)
-        v = torch.cat([self.null_v.expand(u, 1, a), self.att_v(hist_in)], 1)
+        hk, hv = self.att_k(hist_in), self.att_v(hist_in)  # (U, N, a)
+        if self.recency_k is not None and self.recency_v is not None:
+            n = hist_mask.shape[1]
+            assert n <= self.cfg.max_hist, f"history length {n} > max_hist {self.cfg.max_hist}"
+            hk = hk + self.recency_k.weight[:n]  # position j = the j-th most recent item
+            hv = hv + self.recency_v.weight[:n]
+        k = torch.cat([self.null_k.expand(u, 1, a), hk], 1)  # (U, N+1, a)
+        v = torch.cat([self.null_v.expand(u, 1, a), hv], 1)
         ids = torch.cat([self.null_id.expand(u, 1, -1), hist_ids], 1)  # (U, N+1, Fi*f)
         mask = torch.cat([hist_mask.new_ones((u, 1)), hist_mask], 1)  # (U, N+1)
         cand_q = self.att_q(cand_in)  # (B, a)

@@ -20,6 +20,13 @@ from models.em3 import EM3, EM3Config
 
 MODELS = ("camenn", "em3", "lr", "din", "bst")
 
+# config fields added after runs were saved without them: such a run was trained with
+# the behaviour the old value names, so it loads with that value, not the new default
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "camenn": {"align_path": False},
+    "em3": {"recency": False},
+}
+
 
 def model_config(
     name: str, data: RankingData, **overrides: Any
@@ -62,11 +69,17 @@ def save_run(run: Path, name: str, model: nn.Module, cfg: Any, extra: dict[str, 
     )
 
 
+def model_from_config(name: str, config: dict[str, Any]) -> nn.Module:
+    """The untrained model of a saved ``config.json``'s ``config``; a field of
+    :data:`LEGACY_DEFAULTS` it lacks takes its old value."""
+    cfg_cls = {"camenn": CameNNConfig, "em3": EM3Config}.get(name, BaselineConfig)
+    return build_model(name, cfg_cls(**{**LEGACY_DEFAULTS.get(name, {}), **config}))
+
+
 def load_run(run: Path) -> tuple[str, nn.Module, dict[str, Any]]:
     """(model name, model in eval mode with its trained weights, config.json)."""
     meta = json.loads((run / "config.json").read_text())
     name = meta["model"]
-    cfg_cls = {"camenn": CameNNConfig, "em3": EM3Config}.get(name, BaselineConfig)
-    model = build_model(name, cfg_cls(**meta["config"]))
+    model = model_from_config(name, meta["config"])
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     return name, model.eval(), meta

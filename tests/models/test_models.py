@@ -250,3 +250,24 @@ def test_history_kernels_are_shares_of_the_history() -> None:
     assert torch.equal(out[1], torch.zeros(5))  # no real history: no counts
     hist[0, 2:] = 100.0  # padding never counts
     assert torch.equal(k(hist, mask, c, torch.tensor([0, 1])), out)
+
+
+@pytest.mark.parametrize("recency", [True, False])
+@torch.no_grad()
+def test_em3_recency_reads_the_history_order(recency: bool) -> None:
+    """Histories come newest first: with ``recency`` the same items in another order
+    score differently; without it target attention is order-blind."""
+    torch.manual_seed(0)
+    cfg = EM3Config(text_dim=12, image_dim=10, max_text_len=8, user_buckets=USER_BUCKETS,
+                    item_buckets=ITEM_BUCKETS, recency=recency)  # fmt: skip
+    model = EM3(cfg).eval()
+    x = ranker_inputs(model, u=2, n=6, b=8)
+    x["hist_mask"] = torch.ones(2, 6, dtype=torch.bool)  # every position real
+    y = dict(x)
+    for k in ("hist_emb", "hist_sparse"):
+        y[k] = x[k].flip(1)
+    a, b = model.ranker(**x), model.ranker(**y)
+    if recency:
+        assert (a - b).abs().max() > 1e-4
+    else:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

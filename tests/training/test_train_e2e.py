@@ -11,9 +11,10 @@ import torch
 
 from data.world import load_world
 from models.camenn import CameNN
+from models.em3 import EM3
 from training.evaluate import evaluate_run, render_report
 from training.loop import CatalogTensors, TrainSettings, _FitState, align_phase, predict
-from training.runs import load_run, model_config
+from training.runs import build_model, load_run, model_config, save_run
 from training.train import train_run
 
 
@@ -114,3 +115,24 @@ def test_align_phase_changes_the_alignment_path_only(tiny_world: Path, align_pat
     assert align_path == any(k.startswith("tower.blocks.") for k in changed)
     row = st.history[-1]
     assert row["stage"] == "align" and row["steps"] == 5 and 0 <= row["valid_auc"] <= 1
+
+
+def test_run_saved_before_a_config_field_loads_with_its_old_value(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    """A run whose config.json predates ``EM3Config.recency`` (no such key) was trained
+    without it and must load so, with identical scores."""
+    data = load_world(tiny_world)
+    cfg = model_config("em3", data, recency=False)
+    torch.manual_seed(0)
+    model = build_model("em3", cfg).eval()
+    run = tmp_path / "old"
+    save_run(run, "em3", model, cfg, {"data": str(tiny_world)})
+    meta = json.loads((run / "config.json").read_text())
+    del meta["config"]["recency"]
+    (run / "config.json").write_text(json.dumps(meta))
+    _, loaded, _ = load_run(run)
+    assert isinstance(loaded, EM3) and not loaded.cfg.recency
+    cat = CatalogTensors(data.catalog, 0.3, 0)
+    np.testing.assert_array_equal(predict(loaded, cat, data.test, 50),
+                                  predict(model, cat, data.test, 50))  # fmt: skip
