@@ -306,8 +306,7 @@ def _write_repository(
     shutil.copyfile(run / "model.safetensors", root / REFERENCE_WEIGHTS)
     shutil.copyfile(run / "config.json", root / REFERENCE_CONFIG)
     version = version or sha256_file(root / REFERENCE_WEIGHTS)[:12]
-    bounded = isinstance(model, CameNN) or (isinstance(model, EM3) and model.cfg.recency)
-    max_hist = model.cfg.max_hist if bounded else None  # a position embedding's length
+    max_hist = model.cfg.history_limit
     r_in, r_out = _ranker_specs(model)
     t_in, t_out = _tower_specs(model)
     t_names = item_tower_outputs(model)

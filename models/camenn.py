@@ -84,6 +84,12 @@ class CameNNConfig:
     history_kernels: int = 0
 
     @property
+    def history_limit(self) -> int | None:
+        """The longest history the ranker accepts (a position embedding's length);
+        None: any."""
+        return self.max_hist
+
+    @property
     def q(self) -> int:
         return 1  # CameNN's item embedding is the [CLS] output
 

@@ -83,6 +83,12 @@ class EM3Config:
     max_hist: int = 64  # history positions with a recency embedding
 
     @property
+    def history_limit(self) -> int | None:
+        """The longest history the ranker accepts (a position embedding's length);
+        None: any."""
+        return self.max_hist if self.recency else None
+
+    @property
     def q(self) -> int:
         return self.n_query
 
