@@ -35,7 +35,7 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
 
     s = TrainSettings(seed=args.seed, progress=not args.quiet, threads=args.threads)
     for name in ("epochs", "max_minutes", "cands_per_batch", "max_hist", "lora_epochs",
-                 "align_steps"):  # fmt: skip
+                 "align_steps", "ema_decay"):  # fmt: skip
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     return s
@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-hist", type=int)
     t.add_argument("--lora-epochs", type=int, help="EM3: epochs of the LoRA stage (of --epochs)")
     t.add_argument("--align-steps", type=int, help="CameNN: ITA/TIA-only steps after CVR training")
+    t.add_argument("--ema-decay", type=float, help="weight averaging decay per step (0 = off)")
     training_flags(t)
     t.set_defaults(func=_train)
 

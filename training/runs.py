@@ -24,7 +24,7 @@ MODELS = ("camenn", "em3", "lr", "din", "bst")
 # the behaviour the old value names, so it loads with that value, not the new default
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "camenn": {"align_path": False},
-    "em3": {"recency": False},
+    "em3": {"recency": False, "kernel_views": 1},
 }
 
 

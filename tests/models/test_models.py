@@ -252,6 +252,29 @@ def test_history_kernels_are_shares_of_the_history() -> None:
     assert torch.equal(k(hist, mask, c, torch.tensor([0, 1])), out)
 
 
+@torch.no_grad()
+def test_history_kernel_views_measure_similarity_each_in_its_own_projection() -> None:
+    """View 0 reads the first two input dimensions, view 1 the last two: a history item
+    equal to the candidate in the first half only is a full match in view 0 and an
+    opposite in view 1, so each view's shares say which attribute matched."""
+    k = HistoryKernels(4, d_proj=2, n_kernels=5, views=2)
+    k.proj.weight.copy_(torch.eye(4))  # rows 0-1: view 0, rows 2-3: view 1
+    cand = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    hist = torch.tensor([[[1.0, 0.0, -1.0, 0.0], [1.0, 0.0, -1.0, 0.0]]])  # (U=1, N=2, 4)
+    out = k(hist, torch.ones(1, 2, dtype=torch.bool), cand, torch.tensor([0]))
+    assert out.shape == (1, 10)
+    torch.testing.assert_close(
+        out[0, :5], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        out[0, 5:], torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-4, rtol=0
+    )
+    one = HistoryKernels(4, d_proj=2, n_kernels=5)
+    one.proj.weight.copy_(torch.eye(4)[:2])
+    torch.testing.assert_close(one(hist, torch.ones(1, 2, dtype=torch.bool), cand, torch.tensor([0])),
+                               out[:, :5])  # fmt: skip
+
+
 @pytest.mark.parametrize("recency", [True, False])
 @torch.no_grad()
 def test_em3_recency_reads_the_history_order(recency: bool) -> None:

@@ -13,7 +13,16 @@ from data.world import load_world
 from models.camenn import CameNN
 from models.em3 import EM3
 from training.evaluate import evaluate_run, render_report
-from training.loop import CatalogTensors, TrainSettings, _FitState, align_phase, predict
+from training.loop import (
+    CatalogTensors,
+    TrainSettings,
+    WeightAverage,
+    _FitState,
+    align_phase,
+    auc,
+    fit,
+    predict,
+)
 from training.runs import build_model, load_run, model_config, save_run
 from training.train import train_run
 
@@ -120,19 +129,54 @@ def test_align_phase_changes_the_alignment_path_only(tiny_world: Path, align_pat
 def test_run_saved_before_a_config_field_loads_with_its_old_value(
     tiny_world: Path, tmp_path: Path
 ) -> None:
-    """A run whose config.json predates ``EM3Config.recency`` (no such key) was trained
-    without it and must load so, with identical scores."""
+    """A run whose config.json predates ``EM3Config.recency`` and ``kernel_views`` (no
+    such keys) was trained without them and must load so, with identical scores."""
     data = load_world(tiny_world)
-    cfg = model_config("em3", data, recency=False)
+    cfg = model_config("em3", data, recency=False, kernel_views=1)
     torch.manual_seed(0)
     model = build_model("em3", cfg).eval()
     run = tmp_path / "old"
     save_run(run, "em3", model, cfg, {"data": str(tiny_world)})
     meta = json.loads((run / "config.json").read_text())
-    del meta["config"]["recency"]
+    del meta["config"]["recency"], meta["config"]["kernel_views"]
     (run / "config.json").write_text(json.dumps(meta))
     _, loaded, _ = load_run(run)
-    assert isinstance(loaded, EM3) and not loaded.cfg.recency
+    assert isinstance(loaded, EM3) and not loaded.cfg.recency and loaded.cfg.kernel_views == 1
     cat = CatalogTensors(data.catalog, 0.3, 0)
     np.testing.assert_array_equal(predict(loaded, cat, data.test, 50),
                                   predict(model, cat, data.test, 50))  # fmt: skip
+
+
+def test_weight_average_follows_the_ramped_decay_and_restores_the_weights() -> None:
+    lin = torch.nn.Linear(2, 1, bias=False)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    lin.register_parameter("frozen", frozen)
+    avg = WeightAverage(lin, decay=0.9)
+    assert len(avg.params) == 1  # frozen parameters are not averaged
+    expect = lin.weight.detach().clone()
+    for t, value in enumerate((1.0, 2.0, 3.0)):
+        with torch.no_grad():
+            lin.weight.fill_(value)
+        avg.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        expect = d * expect + (1 - d) * value
+    torch.testing.assert_close(avg.shadow[0], expect)
+    with pytest.raises(RuntimeError, match="inside"), avg.applied():
+        torch.testing.assert_close(lin.weight.detach(), expect)
+        raise RuntimeError("inside")
+    assert torch.equal(lin.weight.detach(), torch.full((1, 2), 3.0))
+
+
+def test_averaged_training_keeps_the_weights_it_validated(tiny_world: Path) -> None:
+    """With ``ema_decay`` the kept weights are the averages that scored the best
+    validation AUC, not the raw weights of that epoch."""
+    data = load_world(tiny_world)
+    torch.manual_seed(0)
+    model = build_model("em3", model_config("em3", data))
+    cat = CatalogTensors(data.catalog, 0.3, 0)
+    s = tiny_settings(ema_decay=0.99)
+    res = fit(model, data.train, data.valid, cat, s)
+    assert res["best_valid_auc"] == max(r["valid_auc"] for r in res["history"] if r["stage"] == 2)
+    assert auc(data.valid.label, predict(model, cat, data.valid, s.max_hist)) == pytest.approx(
+        res["best_valid_auc"], abs=1e-9
+    )
