@@ -444,7 +444,7 @@ class WeightAverage:
     averaged with the random initialisation for long."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
         self.decay, self.steps = decay, 0
 
