@@ -501,7 +501,8 @@ def _run_stage(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors
             bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
         with avg.applied() if avg is not None else contextlib.nullcontext():
             v_auc = auc(valid.label, predict(model, cat, valid, hist_len))
-            if v_auc > st.best or not st.best_state:
+            improved = v_auc > st.best or not st.best_state
+            if improved:  # kept while the validated (averaged) weights are in the model
                 st.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         row = {"stage": stage, "epoch": epoch + 1, "valid_auc": v_auc,
                "seconds": time.perf_counter() - st.start,
@@ -510,7 +511,7 @@ def _run_stage(model: nn.Module, train: Split, valid: Split, cat: CatalogTensors
         log.info(
             "stage %d epoch %d: valid AUC %.4f (%.0f s)", stage, epoch + 1, v_auc, row["seconds"]
         )
-        if v_auc > st.best:
+        if improved:
             st.best, bad = v_auc, 0
         else:
             bad += 1
