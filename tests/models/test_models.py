@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -17,11 +18,10 @@ USER_BUCKETS = [101, 7, 5]
 ITEM_BUCKETS = [211, 13]
 
 
-def camenn(attention: str, history_kernels: int = 0) -> CameNN:
+def camenn(attention: str, **overrides: Any) -> CameNN:
     torch.manual_seed(0)
     cfg = CameNNConfig(text_dim=12, image_dim=10, max_text_len=8, user_buckets=USER_BUCKETS,
-                       item_buckets=ITEM_BUCKETS, attention=attention,
-                       history_kernels=history_kernels)  # fmt: skip
+                       item_buckets=ITEM_BUCKETS, attention=attention, **overrides)  # fmt: skip
     return CameNN(cfg).eval()
 
 
@@ -35,7 +35,7 @@ def em3() -> EM3:
 MODELS: dict[str, Callable[[], CameNN | EM3]] = {
     "camenn-full": lambda: camenn("full"),
     "camenn-isolated": lambda: camenn("candidate-isolated"),
-    "camenn-kernels": lambda: camenn("candidate-isolated", history_kernels=5),
+    "camenn-no-kernels": lambda: camenn("candidate-isolated", history_kernels=0),
     "em3": em3,
 }
 

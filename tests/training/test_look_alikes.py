@@ -139,7 +139,8 @@ def test_cvr_gradient_into_the_cls_output_is_scaled_and_its_value_kept() -> None
         grads.append((emb.detach(), model.tower.cls.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0])  # same embedding
     assert grads[0][1].abs().max() > 1e-3  # a real gradient, not rounding noise
-    assert torch.allclose(grads[1][1], grads[0][1] * 0.1, rtol=1e-4, atol=1e-8)
+    # atol for entries that cancel to near 0, where float32 rounding is relatively large
+    assert torch.allclose(grads[1][1], grads[0][1] * 0.1, rtol=1e-4, atol=1e-5)
 
 
 def test_perturb_masks_dropped_tokens_keeps_the_title_and_the_order() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,22 +127,30 @@ def test_align_phase_changes_the_alignment_path_only(tiny_world: Path, align_pat
     assert row["stage"] == "align" and row["steps"] == 5 and 0 <= row["valid_auc"] <= 1
 
 
+@pytest.mark.parametrize(("name", "old"), [
+    ("em3", {"recency": False, "kernel_views": 1}),
+    ("camenn", {"history_kernels": 11, "kernel_views": 1}),
+])  # fmt: skip
 def test_run_saved_before_a_config_field_loads_with_its_old_value(
-    tiny_world: Path, tmp_path: Path
+    tiny_world: Path, tmp_path: Path, name: str, old: dict[str, Any]
 ) -> None:
-    """A run whose config.json predates ``EM3Config.recency`` and ``kernel_views`` (no
-    such keys) was trained without them and must load so, with identical scores."""
+    """A run whose config.json predates ``EM3Config.recency`` / ``kernel_views`` or
+    ``CameNNConfig.kernel_views`` (no such keys) was trained without them and must load
+    so, with identical scores. (A CameNN run from before history kernels has
+    ``history_kernels: 0`` saved, so only its view count is missing.)"""
     data = load_world(tiny_world)
-    cfg = model_config("em3", data, recency=False, kernel_views=1)
+    cfg = model_config(name, data, **old)
     torch.manual_seed(0)
-    model = build_model("em3", cfg).eval()
+    model = build_model(name, cfg).eval()
     run = tmp_path / "old"
-    save_run(run, "em3", model, cfg, {"data": str(tiny_world)})
+    save_run(run, name, model, cfg, {"data": str(tiny_world)})
     meta = json.loads((run / "config.json").read_text())
-    del meta["config"]["recency"], meta["config"]["kernel_views"]
+    for key in ("recency", "kernel_views"):
+        meta["config"].pop(key, None)
     (run / "config.json").write_text(json.dumps(meta))
     _, loaded, _ = load_run(run)
-    assert isinstance(loaded, EM3) and not loaded.cfg.recency and loaded.cfg.kernel_views == 1
+    assert isinstance(loaded, {"em3": EM3, "camenn": CameNN}[name])
+    assert all(getattr(loaded.cfg, k) == v for k, v in old.items())
     cat = CatalogTensors(data.catalog, 0.3, 0)
     np.testing.assert_array_equal(predict(loaded, cat, data.test, 50),
                                   predict(model, cat, data.test, 50))  # fmt: skip
