@@ -218,8 +218,10 @@ class HistoryKernels(nn.Module):
                 cand_user: torch.Tensor) -> torch.Tensor:  # fmt: skip
         u, n, v = hist.shape[0], hist.shape[1], self.views
         p = self.proj.out_features // v
-        h = F.normalize(self.proj(hist).view(u, n, v, p), dim=-1)  # (U, N, V, p)
-        c = F.normalize(self.proj(cand).view(-1, v, 1, p), dim=-1)  # (B, V, 1, p)
+        # eps that float16 can hold (the default 1e-12 rounds to 0 there, and a padded
+        # history row's zero projection would divide 0 by 0)
+        h = F.normalize(self.proj(hist).view(u, n, v, p), dim=-1, eps=1e-4)  # (U, N, V, p)
+        c = F.normalize(self.proj(cand).view(-1, v, 1, p), dim=-1, eps=1e-4)  # (B, V, 1, p)
         sim = (h[cand_user].transpose(1, 2) @ c.transpose(-2, -1))[..., 0]  # (B, V, N)
         k = torch.exp(-((sim[..., None] - self.mu) ** 2) / (2 * self.sigma**2))  # (B, V, N, K)
         k = k.transpose(1, 2).flatten(2)  # (B, N, V*K)
