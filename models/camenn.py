@@ -79,8 +79,8 @@ class CameNNConfig:
     # is) the ranker loses the content (2 epochs: 0.7327 against 0.7831).
     align_path: bool = True
     # soft counts of history items similar to the candidate (models.common.HistoryKernels)
-    # read by the head, in ``kernel_views`` learned projections (as EM3's); 0 = none (runs
-    # trained before session 14; they load with one view). Measured (world seed 0, 4
+    # read by the head, in ``kernel_views`` learned projections (as EM3's); 0 = none (the
+    # default before session 14; older runs load as trained). Measured (world seed 0, 4
     # epochs, weight averaging; valid / test AUC): none 0.7901 / 0.7890, 11 kernels x 3
     # views 0.7961 / 0.7948. Session 4, one view, no averaging: 0.7791 with, 0.7814 without
     history_kernels: int = 11
