@@ -223,7 +223,7 @@ class CameNNRanker(nn.Module):
         self.kernels = (HistoryKernels(cfg.q * cfg.d, n_kernels=cfg.history_kernels,
                                        views=cfg.kernel_views)
                         if cfg.history_kernels else None)  # fmt: skip
-        n_kernel = cfg.history_kernels * cfg.kernel_views
+        n_kernel = self.kernels.out_features if self.kernels else 0
         self.head = mlp(4 * d + n_user + n_kernel, cfg.head_hidden, cfg.dropout)
 
     def item_tokens(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -213,6 +213,7 @@ class HistoryKernels(nn.Module):
         self.proj = nn.Linear(d_in, views * d_proj, bias=False)
         self.register_buffer("mu", torch.linspace(-1.0, 1.0, n_kernels), persistent=False)
         self.sigma, self.views = sigma, views
+        self.out_features = views * n_kernels  # width of the output, read by the heads
 
     def forward(self, hist: torch.Tensor, hist_mask: torch.Tensor, cand: torch.Tensor,
                 cand_user: torch.Tensor) -> torch.Tensor:  # fmt: skip

@@ -170,9 +170,9 @@ class EM3Ranker(nn.Module):
         self.recency_k = nn.Embedding(cfg.max_hist, a) if cfg.recency else None
         self.recency_v = nn.Embedding(cfg.max_hist, a) if cfg.recency else None
         d_in = len(cfg.user_buckets) * cfg.field_dim + 2 * fi * cfg.field_dim + qd + 2 * a
-        d_in += cfg.history_kernels * cfg.kernel_views
         self.kernels = (HistoryKernels(qd, n_kernels=cfg.history_kernels, views=cfg.kernel_views)
                         if cfg.history_kernels else None)  # fmt: skip
+        d_in += self.kernels.out_features if self.kernels else 0
         self.dnn = mlp(d_in, cfg.dnn_hidden, cfg.dropout)
 
     def lora_modules(self) -> list[LoRALinear]:

@@ -262,7 +262,7 @@ def test_history_kernel_views_measure_similarity_each_in_its_own_projection() ->
     cand = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     hist = torch.tensor([[[1.0, 0.0, -1.0, 0.0], [1.0, 0.0, -1.0, 0.0]]])  # (U=1, N=2, 4)
     out = k(hist, torch.ones(1, 2, dtype=torch.bool), cand, torch.tensor([0]))
-    assert out.shape == (1, 10)
+    assert out.shape == (1, k.out_features) == (1, 10)
     torch.testing.assert_close(
         out[0, :5], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]), atol=1e-4, rtol=0
     )
