@@ -137,7 +137,9 @@ def test_cvr_gradient_into_the_cls_output_is_scaled_and_its_value_kept() -> None
         (emb * w).sum().backward()
         assert model.tower.cls.grad is not None
         grads.append((emb.detach(), model.tower.cls.grad.clone()))
-    assert torch.allclose(grads[0][0], grads[1][0])  # same embedding
+    # the same embedding up to float32 rounding: cls * s + cls * (1 - s) is cls within
+    # an ulp or two, which after the LayerNorm (values up to ~4) is ~5e-7 on some CPUs
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=2e-6)
     assert grads[0][1].abs().max() > 1e-3  # a real gradient, not rounding noise
     # atol for entries that cancel to near 0, where float32 rounding is relatively large
     assert torch.allclose(grads[1][1], grads[0][1] * 0.1, rtol=1e-4, atol=1e-5)
