@@ -1,9 +1,10 @@
 """The store interface the service reads through, and the logic both stores share.
 
 :class:`FeatureStore` resolves the current version once per read (a pointer cached for
-``pointer_ttl_s``), looks items up in the per-version :class:`~feature_store.cache.RecordCache`,
-fetches the rest from its backend (:meth:`FeatureStore._fetch`: Redis or an in-memory
-table) and validates + decodes everything with one ``np.frombuffer``.
+``pointer_ttl_s``), copies the records the per-version
+:class:`~feature_store.cache.RecordCache` holds, fetches the rest from its backend
+(:meth:`FeatureStore._fetch`: Redis or an in-memory table) and validates + decodes
+those with one ``np.frombuffer``.
 
 Guarantees of every read:
 
@@ -153,52 +154,40 @@ class FeatureStore(abc.ABC):
         return ptr
 
     # -- reads ---------------------------------------------------------------------
-    def _batch(self, m: VersionManifest, ids: list[str], values: list[bytes | None]) -> ItemBatch:
-        d = decode_items(values, m.dtype())
-        c = self.counters
-        c.items += len(ids)
-        c.missing += len(d.missing)
-        for _, reason in d.rejected:
-            c.rejected[reason] += 1
-        return ItemBatch(
-            version=m.version,
-            ids=ids,
-            records=d.records,
-            present=d.present,
-            missing=[ids[k] for k in d.missing],
-            rejected=[(ids[k], r) for k, r in d.rejected],
-        )
-
-    def _remember(self, version: str, ids: Sequence[str], values: Sequence[bytes | None],
-                  batch: ItemBatch, fetched: Sequence[int]) -> None:  # fmt: skip
-        if not self.cache.max_items or not len(fetched):
-            return
-        present = batch.present.tolist()
-        good = [(ids[k], values[k]) for k in fetched if present[k]]
-        self.cache.put_many(version, good)  # type: ignore[arg-type]
-
     async def _items(
         self, m: VersionManifest, ids: list[str], user_id: str | None = None
     ) -> tuple[ItemBatch, bytes | None]:
-        values = self.cache.get_many(m.version, ids)
-        misses = values.count(None)
-        todo: Sequence[int] = (range(len(ids)) if misses == len(ids)
-                               else [k for k, v in enumerate(values) if v is None] if misses
-                               else [])  # fmt: skip
+        """Records of ``ids``: cached ones copied from the cache, the rest (with the
+        user record, if asked) fetched in one round trip, validated and cached."""
+        dtype, n = m.dtype(), len(ids)
+        records = np.zeros(n, dtype)
+        present = self.cache.fill(m.version, ids, records)  # (K,) bool
+        todo = np.flatnonzero(~present)  # (M,) positions to fetch
+        missing: list[str] = []
+        rejected: list[tuple[str, str]] = []
         user = None
-        if todo or user_id is not None:
-            asked = ids if misses == len(ids) else [ids[k] for k in todo]
+        if len(todo) or user_id is not None:
+            asked = ids if len(todo) == n else [ids[k] for k in todo.tolist()]
             user, got = await self._fetch(m, user_id, asked)
             self.counters.round_trips += 1
             if len(got) != len(asked):
                 raise ValueError(f"the store returned {len(got)} values for {len(asked)} keys")
-            if misses == len(ids):
-                values = list(got)
+            d = decode_items(got, dtype)
+            if len(todo) == n:
+                records, present = d.records, d.present
             else:
-                for k, v in zip(todo, got, strict=True):
-                    values[k] = v
-        batch = self._batch(m, ids, values)
-        self._remember(m.version, ids, values, batch, todo)
+                records[todo] = d.records
+                present[todo] = d.present
+            missing = [asked[k] for k in d.missing]
+            rejected = [(asked[k], r) for k, r in d.rejected]
+            ok = np.flatnonzero(d.present)
+            self.cache.put(m.version, [asked[k] for k in ok.tolist()], d.records[ok])
+        c = self.counters
+        c.items += n
+        c.missing += len(missing)
+        for _, reason in rejected:
+            c.rejected[reason] += 1
+        batch = ItemBatch(m.version, ids, records, present, missing, rejected)
         return batch, user
 
     async def read_items(self, item_ids: Sequence[str], version: str | None = None) -> ItemBatch:

@@ -1,5 +1,5 @@
 """Pure pieces: key layout byte for byte, the record codec, user records, manifests,
-the per-version LRU cache. No Redis."""
+the per-version record cache. No Redis."""
 
 from __future__ import annotations
 
@@ -147,16 +147,66 @@ def test_manifest_round_trip_and_refusals() -> None:
             parse_manifest(bad)
 
 
+REC = np.dtype([("x", "<i8")])
+
+
+def _recs(*xs: int) -> np.ndarray:
+    return np.array([(x,) for x in xs], REC)
+
+
+def _get(c: RecordCache, version: str, ids: list[str]) -> list[int | None]:
+    out = np.zeros(len(ids), REC)
+    hit = c.fill(version, ids, out)
+    return [int(r["x"]) if h else None for r, h in zip(out, hit, strict=True)]
+
+
 def test_cache_bounds_and_counters() -> None:
     c = RecordCache(max_items=2, max_versions=2)
-    c.put_many("v1", [("a", b"1"), ("b", b"2")])
-    assert c.get_many("v1", ["a", "x"]) == [b"1", None]
-    c.put_many("v1", [("c", b"3")])  # evicts b (a was used more recently)
-    assert c.get_many("v1", ["a", "b", "c"]) == [b"1", None, b"3"]
+    c.put("v1", ["a", "b"], _recs(1, 2))
+    assert _get(c, "v1", ["a", "x"]) == [1, None]
+    c.put("v1", ["c"], _recs(3))  # evicts b (a was used since it was put, b was not)
+    assert _get(c, "v1", ["a", "b", "c"]) == [1, None, 3]
     assert (c.hits, c.misses, c.evictions) == (3, 2, 1)
-    assert c.get_many("v2", ["a"]) == [None]  # versions never share records
-    c.put_many("v3", [("a", b"9")])  # a third version drops the least recent (v1)
-    assert c.get_many("v1", ["a"]) == [None]
+    assert _get(c, "v2", ["a"]) == [None]  # versions never share records
+    c.put("v2", ["b"], _recs(2))
+    c.put("v3", ["a"], _recs(9))  # a third version drops the least recent (v1)
+    assert _get(c, "v1", ["a"]) == [None]
+    c.put("v3", ["a"], _recs(7))  # a cached id keeps its record (records are immutable)
+    assert _get(c, "v3", ["a"]) == [9]
     off = RecordCache(max_items=0)
-    off.put_many("v", [("a", b"1")])
-    assert off.get_many("v", ["a"]) == [None] and off.misses == 1
+    off.put("v", ["a"], _recs(1))
+    assert _get(off, "v", ["a"]) == [None] and off.misses == 1
+
+
+# (put?, version, item keys)
+OPS = st.tuples(st.booleans(), st.sampled_from(["v1", "v2", "v3"]),
+                st.lists(st.integers(0, 9), min_size=1, max_size=8))  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    max_items=st.integers(1, 6),
+    ops=st.lists(OPS, max_size=40),
+)
+def test_cache_returns_only_what_was_put(
+    max_items: int, ops: list[tuple[bool, str, list[int]]]
+) -> None:
+    """Against a model: a hit is the record put for that id in that version, a version
+    holds at most ``max_items`` records, the last ``max_items`` distinct ids just put
+    are all found, and the counters add up."""
+    c = RecordCache(max_items=max_items, max_versions=2, initial_rows=2)
+    asked = 0
+    for put, version, keys in ops:
+        ids = [f"i{k}" for k in keys]
+        if put:  # the record of id iK in version vN is N * 100 + K
+            c.put(version, ids, _recs(*(int(version[1]) * 100 + k for k in keys)))
+            last = list(dict.fromkeys(reversed(keys)))[:max_items]
+            assert None not in _get(c, version, [f"i{k}" for k in last])
+            asked += len(last)
+        got = _get(c, version, ids)
+        asked += len(got)
+        for k, g in zip(keys, got, strict=True):
+            assert g is None or g == int(version[1]) * 100 + k
+        assert all(len(t.ids) == len(t.index) <= max_items for t in c._versions.values())
+        assert len(c._versions) <= 2
+    assert c.hits + c.misses == asked

@@ -66,8 +66,15 @@ def test_round_trip_missing_users(target: tuple[str, bool], ns: str) -> None:
             assert (m.model_name, m.n_items, m.record_size) == ("bench", 300, 160)
             # a warm read: served from the cache, no new round trip
             before = s.counters.round_trips
-            await s.read_items([ids[5], ids[7]])
+            w = await s.read_items([ids[5], ids[7]])
             assert s.counters.round_trips == before and s.cache.hits >= 2
+            np.testing.assert_array_equal(w.records, data.records[[5, 7]])
+            # cached, fetched and missing ids in one read: each record in its place
+            mix = await s.read_items([ids[9], ids[5], "nope", ids[7]])
+            assert s.counters.round_trips == before + 1 and mix.missing == ["nope"]
+            assert mix.present.tolist() == [True, True, False, True]
+            np.testing.assert_array_equal(mix.records[[0, 1, 3]], data.records[[9, 5, 7]])
+            assert not mix.records[2].tobytes().strip(b"\0")
         finally:
             await s.close()
 
