@@ -159,13 +159,16 @@ class BatchingSettings(BaseModel):
         description="requests waiting for inference; one more is refused at once with 429",
     )
     hist_buckets: list[int] = Field(
-        default_factory=lambda: [8, 16, 24, 32, 40, 48],
+        default_factory=list,
         description="history lengths the batch's history axis is padded to (the smallest "
-        "one that fits the longest history); each is warmed before the service is ready. "
-        "Inference work grows with the padded length: measured on CPU with Zipf users "
-        "(mean history 34), steps of 8 cost 6% less than 8/16/32/50; each bucket is one "
-        "more shape for the backend (free on ONNX Runtime CPU, an engine profile on "
-        "TensorRT)",
+        "one that fits the longest history of the batch); each is warmed before the service "
+        "is ready. Empty (the default): every length from 1 to max_hist, so a batch is "
+        "padded only to its own longest history. Inference work grows with the padded "
+        "length: measured on CPU, K=500, Zipf users, 1 ORT thread, the ORT thread spent "
+        "14.5-15.6 ms per request with 8/16/.../48/50 and 13.1-13.4 ms with every length "
+        "(the model alone on unpadded histories: 12.4 ms). Every length costs nothing "
+        "beyond its warm-up run on ONNX Runtime CPU; on TensorRT each is an engine "
+        "profile, so give a few there (e.g. 8, 16, 32, 50)",
     )
     max_hist: int = Field(
         default=50, ge=0, description="history items read per user (the model's own limit caps it)"
@@ -173,8 +176,9 @@ class BatchingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _buckets(self) -> BatchingSettings:
-        b = sorted(set(self.hist_buckets))
-        if not b or b[0] < 1:
+        b = (sorted(set(self.hist_buckets)) if self.hist_buckets
+             else list(range(1, max(self.max_hist, 1) + 1)))  # fmt: skip
+        if b[0] < 1:
             raise ValueError("hist_buckets must hold positive lengths")
         if b[-1] < self.max_hist:
             b.append(self.max_hist)

@@ -21,7 +21,8 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.batcher import Batcher, Job
 from service.errors import Overloaded
 from service.metrics import Metrics
-from service.tensors import UserSide
+from service.settings import BatchingSettings
+from service.tensors import Piece, UserSide, assemble
 
 
 @pytest.fixture(scope="session")
@@ -171,3 +172,21 @@ def test_full_queue_refuses_at_once(w: World) -> None:
         await b.close()
 
     asyncio.run(go())
+
+
+def test_default_buckets_pad_a_batch_only_to_its_longest_history() -> None:
+    """Every length is a bucket by default; a given list is completed up to max_hist."""
+    assert BatchingSettings().hist_buckets == list(range(1, 51))
+    assert BatchingSettings(hist_buckets=[32, 8]).hist_buckets == [8, 32, 50]
+    assert BatchingSettings(max_hist=0).hist_buckets == [1]
+    q, d, fi = 1, 4, 3
+
+    def piece(n: int) -> Piece:
+        user = UserSide(np.zeros(2, np.int64), np.ones((n, q, d), np.float32),
+                        np.ones((n, fi), np.int64))  # fmt: skip
+        return Piece(user, np.zeros((5, q, d), np.float32), np.zeros((5, fi), np.int64), 0, 5)
+
+    batch = assemble([piece(37), piece(12)], BatchingSettings().hist_buckets)
+    assert batch["hist_mask"].shape == (2, 37)
+    assert batch["hist_mask"].sum(axis=1).tolist() == [37, 12]
+    assert assemble([piece(37)], [8, 32, 50])["hist_mask"].shape == (1, 50)
