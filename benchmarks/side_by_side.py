@@ -126,6 +126,7 @@ def run(args: Any) -> dict[str, Any]:
     """Measure everything (see the module docstring); returns the JSON document."""
     load_before = os.getloadavg()
     work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
+    work.mkdir(parents=True, exist_ok=True)  # Triton's model repository goes here
     if args.repo:
         repo, store = Path(args.repo), Path(args.store)
     else:
