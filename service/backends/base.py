@@ -46,6 +46,9 @@ class Backend(abc.ABC):
     """Scores ranker batches. ``name`` is reported in ``/v1/models`` and metrics."""
 
     name: str
+    # each new input shape costs a compilation (a TensorRT engine profile): the default
+    # history buckets are then a few lengths instead of every length
+    compiles_shapes: bool = False
 
     @abc.abstractmethod
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:

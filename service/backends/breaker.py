@@ -32,7 +32,7 @@ from service.backends.base import Backend, BackendUnavailable
 class BreakerBackend(Backend):
     def __init__(self, inner: Backend, timeout_s: float, open_s: float) -> None:
         self.inner, self.timeout_s, self.open_s = inner, timeout_s, open_s
-        self.name = inner.name
+        self.name, self.compiles_shapes = inner.name, inner.compiles_shapes
         self.open_until = 0.0  # time.monotonic() before which calls fail at once
         self.opened = 0  # how often it opened (tests, logs)
         self.armed = False  # set once warm() ran

@@ -59,6 +59,7 @@ class OnnxRuntimeBackend(Backend):
         optimization: str = "extended",
     ) -> None:
         self.providers = choose_providers(device)
+        self.compiles_shapes = self.providers[0] == "TensorrtExecutionProvider"
         self.session = repo.session(
             RANKER, threads=threads, optimization=optimization, providers=self.providers
         )

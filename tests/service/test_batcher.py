@@ -21,7 +21,8 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.batcher import Batcher, Job
 from service.errors import Overloaded
 from service.metrics import Metrics
-from service.settings import BatchingSettings
+from service.models import FEW_BUCKETS, max_history
+from service.settings import BatchingSettings, Settings, StoreSettings
 from service.tensors import Piece, UserSide, assemble
 
 
@@ -174,11 +175,19 @@ def test_full_queue_refuses_at_once(w: World) -> None:
     asyncio.run(go())
 
 
-def test_default_buckets_pad_a_batch_only_to_its_longest_history() -> None:
-    """Every length is a bucket by default; a given list is completed up to max_hist."""
-    assert BatchingSettings().hist_buckets == list(range(1, 51))
-    assert BatchingSettings(hist_buckets=[32, 8]).hist_buckets == [8, 32, 50]
-    assert BatchingSettings(max_hist=0).hist_buckets == [1]
+def test_default_buckets_pad_a_batch_only_to_its_longest_history(w: World) -> None:
+    """Every length is a bucket by default (a few where shapes are compiled); a given
+    list is completed up to the history limit; a batch is padded to its bucket."""
+    m = open_repository(w.repo_a, golden=False).manifest
+    limit = min(50, m.max_hist or 50)
+    default = Settings(repo=w.repo_a, store=StoreSettings(kind="redis"))
+    assert max_history(default, m) == (limit, list(range(1, limit + 1)))
+    few = sorted({b for b in FEW_BUCKETS if b < limit} | {limit})
+    assert max_history(default, m, compiles_shapes=True)[1] == few
+    given = default.model_copy(update={"batching": BatchingSettings(hist_buckets=[32, 8])})
+    assert given.batching.hist_buckets == [8, 32, 50]
+    assert max_history(given, m)[1] == sorted({b for b in (8, 32) if b < limit} | {limit})
+    assert BatchingSettings().hist_buckets == []
     q, d, fi = 1, 4, 3
 
     def piece(n: int) -> Piece:
@@ -186,7 +195,7 @@ def test_default_buckets_pad_a_batch_only_to_its_longest_history() -> None:
                         np.ones((n, fi), np.int64))  # fmt: skip
         return Piece(user, np.zeros((5, q, d), np.float32), np.zeros((5, fi), np.int64), 0, 5)
 
-    batch = assemble([piece(37), piece(12)], BatchingSettings().hist_buckets)
+    batch = assemble([piece(37), piece(12)], list(range(1, 51)))
     assert batch["hist_mask"].shape == (2, 37)
     assert batch["hist_mask"].sum(axis=1).tolist() == [37, 12]
     assert assemble([piece(37)], [8, 32, 50])["hist_mask"].shape == (1, 50)
