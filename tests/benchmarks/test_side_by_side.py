@@ -35,7 +35,11 @@ def test_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
                 assert load["fraction"] == 0.5 and load["errors"] == 0
                 assert 0 < load["p50_ms"] <= load["p95_ms"] <= load["p99_ms"]
     for k in ("8", "16"):
-        assert {"mmrank/ceiling", "mmrank/naive"} <= set(doc["ratios"][k])
+        r = doc["ratios"][k]
+        assert {"mmrank/ceiling", "mmrank/naive"} <= set(r)
+        # the model alone before and after the servers; the ratio to their mean lies between
+        assert doc["results"]["ceiling"][k]["after"]["throughput_rps"] > 0
+        assert r["mmrank/ceiling_low"] <= r["mmrank/ceiling"] <= r["mmrank/ceiling_high"]
     # the systems compute the same scores (the comparison is of engineering, not models)
     assert set(doc["parity_max_abs_diff"]) == set(measured) - {"ceiling"}
     assert max(doc["parity_max_abs_diff"].values()) <= 1e-5
