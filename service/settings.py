@@ -111,16 +111,20 @@ class BatchingSettings(BaseModel):
         "rows, so a 500-candidate request is one call; on a GPU raise it (thousands of rows)",
     )
     max_user_rows: int = Field(
-        default=512,
+        default=64,
         ge=0,
         description="bound on requests x candidate rows of a batch (a single request is never "
         "refused); 0 = none. The exported CameNN candidate-isolated graph scores each "
         "candidate against the keys of every user row of its batch, masked "
         "(models.common.attend_own_user: no per-candidate copies), so that product is its "
-        "attention work. Measured on 1 ORT thread, one call of 2 / 4 requests against as "
-        "many calls of one: K=25 +4% / +17%, K=100 +5% / +39%, K=250 +12% / +86%: on CPU "
-        "merging only pays for small requests, which this bound still merges (at the "
-        "default: 2 requests of up to 128 candidates, 4 of up to 32). On a GPU, set 0",
+        "attention work, while each user row's own encoding costs the same merged or not. "
+        "Measured, model alone, 1 ORT thread, one call of m requests against m calls of one "
+        "(ms per request, merged / separate): Intel Xeon, K=5 m=2 / 4 / 8 0.88 / 0.96 / 1.17, "
+        "K=10 0.99 / 1.11 / 1.50, K=25 1.04 / 1.38 / 2.09, K=100 m=2 / 4 1.27 / 1.83; AMD "
+        "EPYC, K=25 m=2 / 4 1.04 / 1.17, K=100 1.05 / 1.39. So on CPU only tiny requests "
+        "merge (at the default: 2 requests of up to 16 candidates, 4 of up to 4); end to end at "
+        "K=100 (Intel Xeon, mmrank bench) the old default 512 (pairs merged) reached 0.56 "
+        "of the model alone, no merging 0.76-0.78. On a GPU, set 0",
     )
     fill_batches: bool = Field(
         default=False,

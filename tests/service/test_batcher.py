@@ -136,6 +136,23 @@ def test_requests_x_rows_per_batch_are_capped(w: World) -> None:
     asyncio.run(go())
 
 
+def test_default_cap_merges_only_tiny_requests(w: World) -> None:
+    """On CPU a merged call of the masked graph costs more than separate calls except for
+    tiny requests (``BatchingSettings.max_user_rows``' measurements): with the default,
+    two 8-candidate requests share a batch, two 100-candidate requests do not."""
+
+    async def go() -> None:
+        m = Metrics()
+        cap = BatchingSettings().max_user_rows
+        b = _batcher(w, m, max_user_rows=cap, max_delay_s=0.2)  # the four queue together
+        b.start()
+        await _scored_as_alone(w, b, (8, 8, 100, 100))
+        assert _sum_count(m.batch_requests) == (4, 3)  # 8+8 | 100 | 100
+        await b.close()
+
+    asyncio.run(go())
+
+
 def test_failure_reaches_every_request_and_cancelled_are_skipped(w: World) -> None:
     cands = w.data.item_ids[:20]
 
