@@ -149,8 +149,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_service(args: argparse.Namespace) -> int:
-    from service.bench import render, run_bench
+    from service.bench import render, render_merge, run_bench, run_merge
 
+    if args.merge:
+        rows = run_merge(args)
+        sys.stdout.write(render_merge(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     res = run_bench(args)
     sys.stdout.write(render(res))
     if args.json:
@@ -526,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU list for the load generator (the model-only run uses --server-cpus)",
     )
     bsv.add_argument("--json", help="also write the results as JSON here")
+    bsv.add_argument("--merge", type=int, nargs="+", metavar="M",
+                     help="only measure the model alone: one call of M requests against M "
+                     "calls of one, at --k (what batching.max_user_rows trades)")  # fmt: skip
     bsv.set_defaults(func=_bench_service)
 
     bb = sub.add_parser("bench", help="model only vs mmrank (ORT, Triton) vs a naive service")

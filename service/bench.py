@@ -40,6 +40,7 @@ from feature_store.codec import decode_user
 from feature_store.embedded import _read
 from model_export.repository import open_repository
 from service.settings import BatchingSettings
+from service.tensors import Piece, UserSide, assemble
 
 
 def build_stack(out: Path, items: int, users: int, seed: int = 0) -> tuple[Path, Path]:
@@ -168,6 +169,52 @@ def model_only(repo: Path, reqs: list[Request], threads: int, seconds: float,
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"throughput_rps": i / total, "p50_ms": 1e3 * statistics.median(lat), "requests": i,
             "cpu_ms_per_request": 1e3 * cpu / i}  # fmt: skip
+
+
+def _piece(feeds: dict[str, np.ndarray]) -> Piece:
+    """A request's tensors (U = 1) as the batcher's piece of all its candidates."""
+    n = int(feeds["hist_mask"][0].sum())
+    user = UserSide(feeds["user_sparse"][0], feeds["hist_emb"][0, :n], feeds["hist_sparse"][0, :n])
+    return Piece(user, feeds["cand_emb"], feeds["cand_sparse"], 0, len(feeds["cand_user"]))
+
+
+def merge_costs(repo: Path, reqs: list[Request], threads: int, sizes: list[int],
+                rounds: int = 3) -> list[dict[str, float]]:  # fmt: skip
+    """What merging costs the model alone (``batching.max_user_rows``): for each m in
+    ``sizes``, ``reqs`` in groups of m, scored as one call per group (U = m, the history
+    padded to the group's longest, as the batcher assembles it) and as m calls of one
+    (each its own length). ms per request, the fastest of ``rounds`` alternating
+    rounds, and the largest score difference between the two (a candidate's score must
+    not depend on its batch-mates)."""
+    sess = open_repository(repo, golden=False).session("ranker", threads=threads)
+    pieces = [_piece(r.feeds) for r in reqs]
+    longest = max(1, *(len(p.user.hist_emb) for p in pieces))
+    lengths = list(range(1, longest + 1))  # every length: each call padded to its own
+    out = []
+    for m in sizes:
+        groups = [pieces[i : i + m] for i in range(0, len(pieces) - m + 1, m)]
+        if not groups:
+            continue
+        separate = [[assemble([p], lengths) for p in g] for g in groups]
+        merged = [assemble(g, lengths) for g in groups]
+        diff = max(
+            float(np.abs(sess.run(["cvr"], mf)[0]
+                         - np.concatenate([sess.run(["cvr"], f)[0] for f in sf])).max())
+            for mf, sf in zip(merged, separate, strict=True)
+        )  # fmt: skip
+        best = {"separate": float("inf"), "merged": float("inf")}
+        for _ in range(rounds):
+            for name, calls in (("separate", [f for sf in separate for f in sf]),
+                                ("merged", merged)):  # fmt: skip
+                t = time.perf_counter()
+                for f in calls:
+                    sess.run(["cvr"], f)
+                best[name] = min(best[name], (time.perf_counter() - t) / (len(groups) * m))
+        out.append({"k": len(reqs[0].cands), "m": m, "separate_ms": 1e3 * best["separate"],
+                    "merged_ms": 1e3 * best["merged"],
+                    "merged_over_separate": best["merged"] / best["separate"],
+                    "max_score_diff": diff})  # fmt: skip
+    return out
 
 
 def process_cpu_s(pid: int) -> float:
@@ -415,6 +462,27 @@ def run_bench(args: Any) -> dict[str, Any]:
         "p50_delta_same_arrivals_ms": half["p50_ms"] - model_half["p50_ms"],
         "cpu_ratio": model["cpu_ms_per_request"] / sat["cpu_ms_per_request"],
     }
+
+
+def run_merge(args: Any) -> list[dict[str, float]]:
+    """``mmrank bench-service --merge M ...``: :func:`merge_costs` at ``--k`` on the
+    built (or given) stack, pinned to ``--server-cpus``."""
+    if args.repo:
+        repo, store = Path(args.repo), Path(args.store)
+    else:
+        work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
+        repo, store = build_stack(work, args.items, args.users)
+    reqs = make_requests(repo, store, args.k, args.n, 64)
+    with pinned(args.server_cpus):
+        return merge_costs(repo, reqs, args.threads, args.merge)
+
+
+def render_merge(rows: list[dict[str, float]]) -> str:
+    lines = ["| K | requests per call (m) | m calls of one (ms per request) | one call of m "
+             "| merged / separate | max score difference |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['k']} | {r['m']} | {r['separate_ms']:.3f} | {r['merged_ms']:.3f} | "
+              f"{r['merged_over_separate']:.2f} | {r['max_score_diff']:.1e} |" for r in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def render(res: dict[str, Any]) -> str:

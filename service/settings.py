@@ -118,13 +118,14 @@ class BatchingSettings(BaseModel):
         "candidate against the keys of every user row of its batch, masked "
         "(models.common.attend_own_user: no per-candidate copies), so that product is its "
         "attention work, while each user row's own encoding costs the same merged or not. "
-        "Measured, model alone, 1 ORT thread, one call of m requests against m calls of one "
-        "(ms per request, merged / separate): Intel Xeon, K=5 m=2 / 4 / 8 0.88 / 0.96 / 1.17, "
-        "K=10 0.99 / 1.11 / 1.50, K=25 1.04 / 1.38 / 2.09, K=100 m=2 / 4 1.27 / 1.83; AMD "
-        "EPYC, K=25 m=2 / 4 1.04 / 1.17, K=100 1.05 / 1.39. So on CPU only tiny requests "
-        "merge (at the default: 2 requests of up to 16 candidates, 4 of up to 4); end to end at "
-        "K=100 (Intel Xeon, mmrank bench) the old default 512 (pairs merged) reached 0.56 "
-        "of the model alone, no merging 0.76-0.78. On a GPU, set 0",
+        "Measured (mmrank bench-service --merge 2 4 8: one call of m requests against m "
+        "calls of one, model alone, 1 ORT thread; merged / separate time): Intel Xeon, K=5 "
+        "m=2 / 4 / 8 0.92 / 0.95 / 1.17, K=10 1.00 / 1.15 / 1.52, K=25 1.09 / 1.44 / 2.12, "
+        "K=100 1.33 / 1.90 / 3.14; AMD EPYC, K=25 m=2 / 4 1.04 / 1.17, K=100 1.05 / 1.39. "
+        "So on CPU only tiny requests merge (at the default: 2 requests of up to 16 "
+        "candidates, 4 of up to 4); end to end at K=100 (Intel Xeon, mmrank bench) the old "
+        "default 512 (pairs merged) reached 0.56 of the model alone, no merging 0.76-0.78. "
+        "On a GPU, set 0",
     )
     fill_batches: bool = Field(
         default=False,

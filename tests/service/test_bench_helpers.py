@@ -1,6 +1,7 @@
 """The service benchmark's measuring parts (``mmrank bench-service``): its Poisson
-schedule is reproducible, and the model-alone replay of that schedule counts queueing
-the way the service's latency does. Behaviour only; no speed is asserted."""
+schedule is reproducible, the model-alone replay of that schedule counts queueing
+the way the service's latency does, and the merge measurement compares like with like.
+Behaviour only; no speed is asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from svc_fixtures import World, shared_world
 
-from service.bench import arrivals, make_requests, model_open_loop
+from service.bench import arrivals, make_requests, merge_costs, model_open_loop
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,14 @@ def test_model_replay_counts_queueing(w: World) -> None:
     # arriving together, the later requests wait for the earlier ones: the median request
     # waits for about half of the others, far longer than one request alone takes
     assert flood["p95_ms"] > 20 * slow["p50_ms"] > 0
+
+
+def test_merge_costs_score_the_same_requests_both_ways(w: World) -> None:
+    reqs = make_requests(w.repo_a, w.store_file, 12, 20, 9, zipf=1.0)  # varied histories
+    rows = merge_costs(w.repo_a, reqs, 1, [2, 4, 16], rounds=1)
+    assert [(r["k"], r["m"]) for r in rows] == [(12, 2), (12, 4)]  # 9 requests: no group of 16
+    for r in rows:
+        # one call of m users gives each candidate the score it gets alone
+        assert r["max_score_diff"] <= 1e-5
+        assert r["separate_ms"] > 0 and r["merged_ms"] > 0
+        assert r["merged_over_separate"] == pytest.approx(r["merged_ms"] / r["separate_ms"])
