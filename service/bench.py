@@ -15,6 +15,9 @@ section 10, the ceiling half): same requests, same ONNX Runtime threads.
 4. The model alone again, fed the open loop's own arrival times (same rate, seed and
    requests, first come first served): the half-load p50 compared like for like.
 
+``--merge M ...`` measures only what ``batching.max_user_rows`` trades: the model alone
+scoring groups of M requests in one call against one call each (:func:`merge_costs`).
+
 Imports torch only to build the model when no ``--repo`` is given.
 """
 
