@@ -218,15 +218,27 @@ class HistoryKernels(nn.Module):
     def forward(self, hist: torch.Tensor, hist_mask: torch.Tensor, cand: torch.Tensor,
                 cand_user: torch.Tensor) -> torch.Tensor:  # fmt: skip
         u, n, v = hist.shape[0], hist.shape[1], self.views
-        p = self.proj.out_features // v
+        b, p = cand.shape[0], self.proj.out_features // v
         # eps that float16 can hold (the default 1e-12 rounds to 0 there, and a padded
         # history row's zero projection would divide 0 by 0)
         h = F.normalize(self.proj(hist).view(u, n, v, p), dim=-1, eps=1e-4)  # (U, N, V, p)
-        c = F.normalize(self.proj(cand).view(-1, v, 1, p), dim=-1, eps=1e-4)  # (B, V, 1, p)
-        sim = (h[cand_user].transpose(1, 2) @ c.transpose(-2, -1))[..., 0]  # (B, V, N)
+        c = F.normalize(self.proj(cand).view(b, v, p), dim=-1, eps=1e-4)  # (B, V, p)
+        if torch.compiler.is_exporting() or u <= MASKED_MAX_USERS:
+            # every candidate against every user row's history in one product per view,
+            # then its own row picked out: no per-candidate copy of the history (as in
+            # attend_own_user). Measured, 1 thread, B = 500, N = 50, 3 views: this step
+            # 2.6 -> 0.06 ms in eager PyTorch; K=500 requests in ONNX Runtime, CameNN
+            # 16.1 -> 12.7 ms, EM3 12.3 -> 10.4 ms (with the shares summed in place)
+            hv = h.permute(2, 3, 0, 1).reshape(v, p, u * n)  # (V, p, U*N)
+            all_sim = (c.transpose(0, 1) @ hv).view(v, b, u, n)  # (V, B, U, N)
+            own = cand_user.view(1, b, 1, 1).expand(v, b, 1, n)
+            sim = torch.gather(all_sim, 2, own)[:, :, 0].transpose(0, 1)  # (B, V, N)
+        else:
+            sim = (h[cand_user].transpose(1, 2) @ c[..., None])[..., 0]  # (B, V, N)
         k = torch.exp(-((sim[..., None] - self.mu) ** 2) / (2 * self.sigma**2))  # (B, V, N, K)
-        k = k.transpose(1, 2).flatten(2)  # (B, N, V*K)
-        return masked_mean(k, hist_mask[cand_user])  # (B, V*K)
+        w = hist_mask[cand_user].to(k.dtype)  # (B, N)
+        shares = (k * w[:, None, :, None]).sum(2) / w.sum(1).clamp(min=1.0)[:, None, None]
+        return shares.flatten(1)  # (B, V*K), view-major as the runs were saved
 
 
 def mlp(d_in: int, hidden: Sequence[int], dropout: float, d_out: int = 1) -> nn.Sequential:
