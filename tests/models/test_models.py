@@ -11,7 +11,7 @@ import torch
 from models import common
 from models.baselines import Baseline, BaselineConfig
 from models.camenn import CameNN, CameNNConfig
-from models.common import HistoryKernels
+from models.common import MASKED_MAX_USERS, HistoryKernels
 from models.em3 import EM3, EM3Config
 
 USER_BUCKETS = [101, 7, 5]
@@ -250,6 +250,32 @@ def test_history_kernels_are_shares_of_the_history() -> None:
     assert torch.equal(out[1], torch.zeros(5))  # no real history: no counts
     hist[0, 2:] = 100.0  # padding never counts
     assert torch.equal(k(hist, mask, c, torch.tensor([0, 1])), out)
+
+
+@torch.no_grad()
+def test_history_kernels_layouts_agree() -> None:
+    """Up to MASKED_MAX_USERS user rows the kernels compare every candidate with every
+    row's history and pick its own (no copies); past it each candidate gets a copy of its
+    row's history. Six rows (copies) give each candidate what its row alone (masked)
+    gives, empty and partly padded histories included."""
+    torch.manual_seed(0)
+    k = HistoryKernels(8, d_proj=4, n_kernels=5, views=2)
+    u, n, b = MASKED_MAX_USERS + 2, 7, 20
+    hist, cand = torch.randn(u, n, 8), torch.randn(b, 8)
+    mask = torch.rand(u, n) < 0.6
+    mask[0] = False  # an empty history
+    cand_user = torch.randint(0, u, (b,))
+    together = k(hist, mask, cand, cand_user)
+    for r in range(u):
+        mine = cand_user == r
+        alone = k(
+            hist[r : r + 1],
+            mask[r : r + 1],
+            cand[mine],
+            torch.zeros(int(mine.sum()), dtype=torch.long),
+        )
+        torch.testing.assert_close(together[mine], alone, atol=1e-6, rtol=0)
+    assert torch.equal(together[cand_user == 0], torch.zeros(int((cand_user == 0).sum()), 10))
 
 
 @torch.no_grad()
