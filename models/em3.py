@@ -19,6 +19,7 @@ batch the negatives (InfoNCE both ways, temperature ``cic_temperature``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import (
+    MASKED_MAX_USERS,
     Block,
     FieldEmbedding,
     HistoryKernels,
@@ -209,14 +211,17 @@ class EM3Ranker(nn.Module):
         ids = torch.cat([self.null_id.expand(u, 1, -1), hist_ids], 1)  # (U, N+1, Fi*f)
         mask = torch.cat([hist_mask.new_ones((u, 1)), hist_mask], 1)  # (U, N+1)
         cand_q = self.att_q(cand_in)  # (B, a)
-        q = cand_q.view(b, h, 1, a // h)  # (B, h, 1, a/h)
-        kb = k[cand_user].view(b, -1, h, a // h).transpose(1, 2)  # (B, h, N+1, a/h)
-        vb = v[cand_user].view(b, -1, h, a // h).transpose(1, 2)
-        interest = attend(q, kb, vb, mask[cand_user]).reshape(b, a)  # (B, a)
-        # the same attention, head-averaged, pools the history's ID embeddings
-        scores = (q @ kb.transpose(-2, -1)).mean(1)[:, 0] / (a // h) ** 0.5  # (B, N+1)
-        scores = scores.masked_fill(~mask[cand_user], torch.finfo(scores.dtype).min)
-        id_interest = (F.softmax(scores, -1)[:, :, None] * ids[cand_user]).sum(1)  # (B, Fi*f)
+        if torch.compiler.is_exporting() or u <= MASKED_MAX_USERS:
+            interest, id_interest = self._attend_masked(cand_q, k, v, ids, mask, cand_user)
+        else:  # every candidate gets a copy of its user row's keys, values and ids
+            q = cand_q.view(b, h, 1, a // h)  # (B, h, 1, a/h)
+            kb = k[cand_user].view(b, -1, h, a // h).transpose(1, 2)  # (B, h, N+1, a/h)
+            vb = v[cand_user].view(b, -1, h, a // h).transpose(1, 2)
+            interest = attend(q, kb, vb, mask[cand_user]).reshape(b, a)  # (B, a)
+            # the same attention, head-averaged, pools the history's ID embeddings
+            scores = (q @ kb.transpose(-2, -1)).mean(1)[:, 0] / (a // h) ** 0.5  # (B, N+1)
+            scores = scores.masked_fill(~mask[cand_user], torch.finfo(scores.dtype).min)
+            id_interest = (F.softmax(scores, -1)[:, :, None] * ids[cand_user]).sum(1)
         parts = [
             self.user_fields(user_sparse).flatten(-2)[cand_user],  # (B, Fu*f) user + context
             cand_ids,  # (B, Fi*f) candidate ids
@@ -229,6 +234,29 @@ class EM3Ranker(nn.Module):
             parts.append(self.kernels(hist_emb.flatten(-2), hist_mask, cand_flat, cand_user))
         x = torch.cat(parts, dim=-1)
         return self.dnn(x)[:, 0]  # (B,)
+
+    def _attend_masked(self, cand_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ids: torch.Tensor, mask: torch.Tensor, cand_user: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The target attention and its ID pooling without per-candidate copies: every
+        candidate's query meets the keys of every user row in one product per head and
+        the other rows are masked out (softmax weight exactly 0), as
+        :func:`models.common.attend_own_user` does for CameNN. cand_q (B, a), k/v
+        (U, S, a), ids (U, S, F), mask (U, S) -> interest (B, a), id interest (B, F)."""
+        b, (u, s, a), h = cand_q.shape[0], k.shape, self.cfg.att_heads
+        hs = a // h
+        q = cand_q.view(b, h, hs).transpose(0, 1)  # (h, B, hs)
+        kf = k.view(u, s, h, hs).permute(2, 0, 1, 3).reshape(h, u * s, hs)  # (h, U*S, hs)
+        vf = v.view(u, s, h, hs).permute(2, 0, 1, 3).reshape(h, u * s, hs)
+        raw = q @ kf.transpose(1, 2)  # (h, B, U*S)
+        row = torch.arange(u, device=k.device)[:, None].expand(u, s).reshape(1, u * s)
+        own = (row == cand_user[:, None]) & mask.reshape(1, u * s)  # (B, U*S)
+        low = torch.finfo(raw.dtype).min
+        att = (raw * (1.0 / math.sqrt(hs))).masked_fill(~own[None], low)
+        interest = (F.softmax(att, dim=-1) @ vf).transpose(0, 1).reshape(b, a)  # (B, a)
+        scores = (raw.mean(0) / hs**0.5).masked_fill(~own, low)  # (B, U*S) head-averaged
+        id_interest = F.softmax(scores, -1) @ ids.reshape(u * s, -1)  # (B, F)
+        return interest, id_interest
 
 
 class EM3(nn.Module):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models import common
+from models import em3 as em3_module
 from models.baselines import Baseline, BaselineConfig
 from models.camenn import CameNN, CameNNConfig
 from models.common import MASKED_MAX_USERS, HistoryKernels
@@ -151,18 +152,22 @@ def test_batch_independence(name: str) -> None:
         assert abs(float(alone[0]) - float(mixed[i])) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["camenn-isolated", "em3"])
 @pytest.mark.parametrize("u", [1, 3, 6])
 @torch.no_grad()
-def test_isolated_attention_layouts_agree(u: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_isolated_attention_layouts_agree(name: str, u: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The masked layout (exported graphs, few users) and the gathered one (training
-    batches) of ``attend_own_user`` are the same function, empty histories included."""
-    model = camenn("candidate-isolated")
+    batches) are the same function, empty histories included: CameNN's
+    ``attend_own_user``, EM3's target attention, and the history kernels of both."""
+    model = MODELS[name]()
     x = ranker_inputs(model, u=u, n=6, b=25, seed=u)
-    monkeypatch.setattr(common, "MASKED_MAX_USERS", 0)
-    gathered = model.ranker(**x)
-    monkeypatch.setattr(common, "MASKED_MAX_USERS", 10)
-    masked = model.ranker(**x)
-    assert torch.allclose(gathered, masked, atol=1e-6, rtol=0)
+    out = {}
+    for limit in (0, 10):  # 0: every batch gathered; 10: these batches masked
+        monkeypatch.setattr(common, "MASKED_MAX_USERS", limit)
+        monkeypatch.setattr(em3_module, "MASKED_MAX_USERS", limit)
+        out[limit] = model.ranker(**x)
+    assert torch.allclose(out[0], out[10], atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
