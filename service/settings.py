@@ -122,9 +122,9 @@ class BatchingSettings(BaseModel):
         "calls of one, model alone, 1 ORT thread; merged / separate time): Intel Xeon, K=5 "
         "m=2 / 4 / 8 0.92 / 0.95 / 1.17, K=10 1.00 / 1.15 / 1.52, K=25 1.09 / 1.44 / 2.12, "
         "K=100 1.33 / 1.90 / 3.14; AMD EPYC, K=25 m=2 / 4 1.04 / 1.17, K=100 1.05 / 1.39. "
-        "EM3's graph copies each user's keys per candidate (no such product), and merging "
-        "gains little there too (Intel Xeon, K=10 m=2 / 4 / 8 0.94 / 0.85 / 0.84, K=100 "
-        "1.01 / 1.00 / 1.10, K=500 1.10 / 1.23 / 1.39). So on CPU only tiny requests merge (at the default: 2 requests of up to 16 "
+        "EM3's exported target attention has the same masked layout (Intel Xeon, K=10 "
+        "m=2 / 4 / 8 0.95 / 1.03 / 1.22, K=100 1.08 / 1.26 / 1.64, K=500 1.11 / 1.42 / "
+        "2.00). So on CPU only tiny requests merge (at the default: 2 requests of up to 16 "
         "candidates, 4 of up to 4); end to end at K=100 (Intel Xeon, mmrank bench) the old "
         "default 512 (pairs merged) reached 0.56 of the model alone, no merging 0.76-0.78. "
         "On a GPU, set 0",
