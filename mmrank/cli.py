@@ -151,14 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench_service(args: argparse.Namespace) -> int:
     from service.bench import render, render_merge, run_bench, run_merge
 
-    if args.merge:
-        rows = run_merge(args)
-        sys.stdout.write(render_merge(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
-        return 0
-    res = run_bench(args)
-    sys.stdout.write(render(res))
+    res: Any = run_merge(args) if args.merge else run_bench(args)
+    sys.stdout.write(render_merge(res) if args.merge else render(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

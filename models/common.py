@@ -115,6 +115,14 @@ class Block(nn.Module):
 MASKED_MAX_USERS = 4
 
 
+def own_keys(mask_u: torch.Tensor, cand_user: torch.Tensor) -> torch.Tensor:
+    """(B, U*S) bool: which of all user rows' keys, laid end to end, each candidate may
+    attend to: its own row's real ones. mask_u (U, S), cand_user (B,)."""
+    u, s = mask_u.shape
+    row = torch.arange(u, device=mask_u.device)[:, None].expand(u, s).reshape(1, u * s)
+    return (row == cand_user[:, None]) & mask_u.reshape(1, u * s)
+
+
 def attend_own_user(
     qc: torch.Tensor,
     kc: torch.Tensor,
@@ -152,8 +160,7 @@ def attend_own_user(
     kf = ku.transpose(0, 1).reshape(h, u * s, hs)  # (h, U*S, hs)
     vf = vu.transpose(0, 1).reshape(h, u * s, hs)  # (h, U*S, hs)
     att_u = q.transpose(0, 1) @ kf.transpose(1, 2)  # (h, B, U*S)
-    row = torch.arange(u, device=qc.device)[:, None].expand(u, s).reshape(1, u * s)
-    own = (row == cand_user[:, None]) & mask_u.reshape(1, u * s)  # (B, U*S)
+    own = own_keys(mask_u, cand_user)  # (B, U*S)
     att_u = att_u.masked_fill(~own[None], torch.finfo(att_u.dtype).min)
     att_c = (q * kc[:, :, 0]).sum(-1).transpose(0, 1)[..., None]  # (h, B, 1)
     att = F.softmax(torch.cat([att_u, att_c], dim=-1), dim=-1)  # (h, B, U*S + 1)
@@ -181,11 +188,14 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.merged_weight(), self.base.bias)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` (R, T, d) over the positions where ``mask`` (R, T) is True; 0 where
-    none is (also for T = 0)."""
-    w = mask.to(x.dtype).unsqueeze(2)  # (R, T, 1)
-    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (R, d)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Mean of ``x`` over axis ``dim`` at the positions where ``mask`` (R, T) is True;
+    0 where none is (also for T = 0). ``x`` is (R, ..., T at ``dim``, ...): (R, T, d)
+    -> (R, d) by default."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = mask.shape
+    w = mask.to(x.dtype).reshape(shape)  # (R, 1.., T, 1..)
+    return (x * w).sum(dim) / w.sum(dim).clamp(min=1.0)
 
 
 class HistoryKernels(nn.Module):
@@ -236,8 +246,7 @@ class HistoryKernels(nn.Module):
         else:
             sim = (h[cand_user].transpose(1, 2) @ c[..., None])[..., 0]  # (B, V, N)
         k = torch.exp(-((sim[..., None] - self.mu) ** 2) / (2 * self.sigma**2))  # (B, V, N, K)
-        w = hist_mask[cand_user].to(k.dtype)  # (B, N)
-        shares = (k * w[:, None, :, None]).sum(2) / w.sum(1).clamp(min=1.0)[:, None, None]
+        shares = masked_mean(k, hist_mask[cand_user], dim=2)  # (B, V, K)
         return shares.flatten(1)  # (B, V*K), view-major as the runs were saved
 
 

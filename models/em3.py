@@ -37,6 +37,7 @@ from models.common import (
     init_embeddings,
     masked_mean,
     mlp,
+    own_keys,
 )
 
 
@@ -249,8 +250,7 @@ class EM3Ranker(nn.Module):
         kf = k.view(u, s, h, hs).permute(2, 0, 1, 3).reshape(h, u * s, hs)  # (h, U*S, hs)
         vf = v.view(u, s, h, hs).permute(2, 0, 1, 3).reshape(h, u * s, hs)
         raw = q @ kf.transpose(1, 2)  # (h, B, U*S)
-        row = torch.arange(u, device=k.device)[:, None].expand(u, s).reshape(1, u * s)
-        own = (row == cand_user[:, None]) & mask.reshape(1, u * s)  # (B, U*S)
+        own = own_keys(mask, cand_user)  # (B, U*S)
         low = torch.finfo(raw.dtype).min
         att = (raw * (1.0 / math.sqrt(hs))).masked_fill(~own[None], low)
         interest = (F.softmax(att, dim=-1) @ vf).transpose(0, 1).reshape(b, a)  # (B, a)
