@@ -232,11 +232,25 @@ def tower_forward(
 def bucketed_tower_forward(
     model: nn.Module, cat: CatalogTensors, items: torch.Tensor, buckets: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`tower_forward` over ``items`` in text-length buckets, each trimmed to
-    its own longest text (padding costs attention and MLP work but changes nothing,
-    since it is masked); results come back in ``items`` order."""
-    order = torch.argsort(cat.text_len[items])
-    parts = [tower_forward(model, cat.content(items[chunk])) for chunk in order.chunk(buckets)]
+    """:func:`tower_forward` over ``items`` in text-length buckets (see
+    :func:`tower_in_buckets`); results come back in ``items`` order."""
+    return tower_in_buckets(model, cat.content(items), buckets)
+
+
+def tower_in_buckets(
+    model: nn.Module, content: tuple[torch.Tensor, ...], buckets: int = 4
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`tower_forward` over ``content`` (text, text_len, image, has_image) in
+    text-length buckets, each trimmed to its own longest text: padding costs attention
+    and MLP work but changes nothing, since it is masked, and items do not see each
+    other. Results come back in input order."""
+    text, text_len, image, has_image = content
+    order = torch.argsort(text_len)
+    parts = []
+    for chunk in order.chunk(buckets):
+        lt = max(1, int(text_len[chunk].max()))
+        parts.append(tower_forward(model, (text[chunk, :lt], text_len[chunk], image[chunk],
+                                           has_image[chunk])))  # fmt: skip
     inverse = torch.argsort(order)
     emb = torch.cat([p[0] for p in parts])[inverse]
     if parts[0][1] is None:
@@ -312,13 +326,19 @@ def alignment_losses(model: CameNN, cat: CatalogTensors, items: torch.Tensor, s:
     def view(content: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return perturb(content, cat.spread, s.align_noise, s.align_drop, gen)
 
-    _, ita_pos, tia_pos = model.tower(*view(cat.content(own)))
-    _, ita_neg, _ = model.tower(*view(cat.content(own, text_from=other)))
-    _, _, tia_neg = model.tower(*view(cat.content(own, image_from=other)))
-    target = torch.cat([torch.ones(len(own)), torch.zeros(len(own))])
+    # the three views in one pass, in text-length buckets (perturbation shortens texts)
+    views = [view(cat.content(own)), view(cat.content(own, text_from=other)),
+             view(cat.content(own, image_from=other))]  # fmt: skip
+    lt = max(v[0].shape[1] for v in views)
+    text = torch.cat([F.pad(v[0], (0, 0, 0, lt - v[0].shape[1])) for v in views])
+    joined = (text, *(torch.cat([v[j] for v in views]) for j in (1, 2, 3)))
+    _, ita, tia = tower_in_buckets(model, joined)
+    assert ita is not None and tia is not None, "CameNN's tower has ITA/TIA heads"
+    n = len(own)
+    target = torch.cat([torch.ones(n), torch.zeros(n)])
     return (
-        F.binary_cross_entropy_with_logits(torch.cat([ita_pos, ita_neg]), target),
-        F.binary_cross_entropy_with_logits(torch.cat([tia_pos, tia_neg]), target),
+        F.binary_cross_entropy_with_logits(ita[: 2 * n], target),  # own, text swapped
+        F.binary_cross_entropy_with_logits(torch.cat([tia[:n], tia[2 * n :]]), target),
     )
 
 

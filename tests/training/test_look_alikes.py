@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data.dataset import Catalog, FieldSpec
 from models.camenn import CameNN, CameNNConfig
@@ -13,9 +14,11 @@ from training.loop import (
     CatalogTensors,
     TrainSettings,
     align_items,
+    alignment_losses,
     look_alikes,
     param_groups,
     perturb,
+    tower_in_buckets,
 )
 
 FIELDS = (FieldSpec("item_id", 101), FieldSpec("kind", 7))
@@ -162,3 +165,64 @@ def test_perturb_masks_dropped_tokens_keeps_the_title_and_the_order() -> None:
     noisy = perturb((text, text_len, image, has_image), (2.0, 0.5), 1.0, 0.0, gen)
     assert 1.5 < float((noisy[0] - text).std()) < 2.5
     assert 0.3 < float((noisy[2] - image).std()) < 0.7
+
+
+def random_content(n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """n items of 32-wide text (lengths 0-12) and 9 patches, some without an image."""
+    g = torch.Generator().manual_seed(seed)
+    text_len = torch.randint(0, 13, (n,), generator=g)
+    text = torch.randn(n, 12, 32, generator=g)
+    image, has_image = torch.randn(n, 9, 32, generator=g), torch.rand(n, generator=g) > 0.2
+    return text, text_len, image, has_image
+
+
+@pytest.mark.parametrize("model_name", ["camenn", "em3"])
+def test_towers_in_text_length_buckets_give_one_pass_outputs_in_input_order(
+    model_name: str,
+) -> None:
+    from models.em3 import EM3, EM3Config
+    from training.loop import tower_forward
+
+    torch.manual_seed(0)
+    model = (CameNN(CameNNConfig(user_buckets=[7], item_buckets=[11])) if model_name == "camenn"
+             else EM3(EM3Config(user_buckets=[7], item_buckets=[11]))).eval()  # fmt: skip
+    content = random_content(23, seed=1)
+    whole = tower_forward(model, content)
+    parts = tower_in_buckets(model, content, buckets=4)
+    for got, want in zip(parts, whole, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            assert got is not None
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_alignment_losses_in_one_pass_equal_three_separate_passes() -> None:
+    """ITA on (own, text swapped), TIA on (own, image swapped): the joined, bucketed pass
+    gives the losses of one tower pass per view (no dropout, no perturbation, so the
+    views are exact)."""
+    torch.manual_seed(0)
+    n = 40
+    text, text_len, image, has_image = random_content(n, seed=2)
+    cat = CatalogTensors(Catalog(
+        item_ids=np.array([f"i{k}" for k in range(n)]), text=text.numpy(),
+        text_len=text_len.numpy(), image=image.numpy(), has_image=has_image.numpy(),
+        sparse=np.stack([np.arange(1, n + 1), np.arange(n) % 4 + 1], 1), fields=FIELDS,
+        kind_field="kind"), holdout=0.0, seed=0)  # fmt: skip
+    model = CameNN(CameNNConfig(user_buckets=[7], item_buckets=[101, 7])).eval()
+    s = TrainSettings(align_items=16, align_noise=0.0, align_drop=0.0)
+    items = torch.arange(n)
+    got = alignment_losses(model, cat, items, s, torch.Generator().manual_seed(3))
+    assert got is not None
+    gen = torch.Generator().manual_seed(3)  # the same draws, by hand
+    own = align_items(cat, items, s, gen)
+    other = cat.align_negatives(own, s.align_hard_share, gen)
+    _, ita_pos, tia_pos = model.tower(*cat.content(own))
+    _, ita_neg, _ = model.tower(*cat.content(own, text_from=other))
+    _, _, tia_neg = model.tower(*cat.content(own, image_from=other))
+    target = torch.cat([torch.ones(len(own)), torch.zeros(len(own))])
+    want = (F.binary_cross_entropy_with_logits(torch.cat([ita_pos, ita_neg]), target),
+            F.binary_cross_entropy_with_logits(torch.cat([tia_pos, tia_neg]), target))  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    assert abs(got[0].item() - got[1].item()) > 1e-6  # two different losses, not one twice
