@@ -247,4 +247,7 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int, log_level: str
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_keep_alive=settings.api.keep_alive_s,
                             timeout_graceful_shutdown=max(int(sd.drain_s - sd.unready_s), 1))  # fmt: skip
-    DrainingServer(config, app, settings).run()
+    try:
+        DrainingServer(config, app, settings).run()
+    except KeyboardInterrupt:  # uvicorn re-raises a handled Ctrl-C after its shutdown
+        log.info("stopped (SIGINT)")

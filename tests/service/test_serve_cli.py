@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,12 +28,20 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> World:
 
 
 @contextmanager
-def served(w: World, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``mmrank serve`` on a free port until ready; its URL; terminated on exit."""
+def served(w: World, env: dict[str, str] | None = None,
+           procs: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:  # fmt: skip
+    """``mmrank serve`` on a free port until ready; its URL; terminated on exit (unless
+    it has exited already). The process is appended to ``procs`` when given."""
     port = free_port()
     cmd = [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(w.repo_a), "--embedded",
            str(w.store_file), "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stderr=subprocess.PIPE if procs is not None else None,
+    )
+    if procs is not None:
+        procs.append(proc)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
@@ -45,7 +54,8 @@ def served(w: World, env: dict[str, str] | None = None) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(10)
 
 
@@ -55,6 +65,20 @@ def test_mmrank_serve(w: World) -> None:
         r = httpx.post(f"{url}/v1/rank", json=body, timeout=10)
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert r.json()["model"]["version"] == "test-a"
+
+
+def test_ctrl_c_stops_serve_cleanly(w: World) -> None:
+    """Ctrl-C (SIGINT) on ``mmrank serve`` (and so on the demo): readiness first, then a
+    clean exit 0, no traceback."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with served(w, {"MMRANK_SHUTDOWN__UNREADY_S": "0.5"}, procs) as url:
+        proc = procs[0]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 503
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()[-2000:]
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
