@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_flags(sv)
     sv.set_defaults(func=_serve)
 
-    bsv = sub.add_parser("bench-service", help="end to end vs model only, one run (CPU)")
+    bsv = sub.add_parser(
+        "bench-service", help="end to end vs model only, interleaved rounds in one run (CPU)"
+    )
     bsv.add_argument("--repo", help="model repository (default: build a demo-sized CameNN)")
     bsv.add_argument("--store", help="embedded store file of --repo's embeddings")
     bsv.add_argument("--work", help="directory for the built stack (default: a temp dir)")
@@ -520,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "way (default: the setting's default)")  # fmt: skip
     bsv.add_argument("--concurrency", type=int, default=8, help="connections at saturation")
     bsv.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    bsv.add_argument("--rounds", type=int, default=3,
+                     help="interleaved rounds of all four measurements; medians reported")  # fmt: skip
     bsv.add_argument("--server-cpus", help="taskset CPU list for the server, e.g. 1")
     bsv.add_argument(
         "--client-cpus",

@@ -15,6 +15,9 @@ section 10, the ceiling half): same requests, same ONNX Runtime threads.
 4. The model alone again, fed the open loop's own arrival times (same rate, seed and
    requests, first come first served): the half-load p50 compared like for like.
 
+Steps 2-4 repeat in ``--rounds`` rounds (:func:`run_bench`); each round's comparisons
+are reported with their medians and spread.
+
 ``--merge M ...`` measures only what ``batching.max_user_rows`` trades: the model alone
 scoring groups of M requests in one call against one call each (:func:`merge_costs`).
 
@@ -418,19 +421,28 @@ def mmrank_env(threads: int, rows: int, **extra: str) -> dict[str, str]:
             "MMRANK_API__DEFAULT_DEADLINE_MS": "10000", **extra}  # fmt: skip
 
 
-def run_bench(args: Any) -> dict[str, Any]:
-    work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
+def given_or_built(args: Any) -> tuple[Path, Path]:
+    """(model repository, embedded store): ``--repo`` and ``--store``, or a stack
+    :func:`build_stack` builds in ``--work`` (default: a temporary directory)."""
     if args.repo:
-        repo, store = Path(args.repo), Path(args.store)
-    else:
-        repo, store = build_stack(work, args.items, args.users)
-    reqs = make_requests(repo, store, args.k, args.n, 200)
-    n_real = int(np.median([r.feeds["hist_mask"].shape[1] for r in reqs]))
-    rows = args.max_batch_rows or BatchingSettings().max_batch_rows
-    with pinned(args.server_cpus):  # the model alone runs where the server will
-        model = model_only(repo, reqs, args.threads, args.seconds, rows)
+        if not args.store:
+            raise ValueError("--repo needs --store, the embedded store of its embeddings")
+        return Path(args.repo), Path(args.store)
+    work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
+    return build_stack(work, args.items, args.users)
+
+
+RATIOS = ("throughput_ratio", "p50_delta_ms", "p50_delta_same_arrivals_ms", "cpu_ratio")
+
+
+def bench_round(repo: Path, store: Path, reqs: list[Request], args: Any, rows: int
+                ) -> dict[str, Any]:  # fmt: skip
+    """One round: the model alone, the service (saturation, then half of it in an open
+    loop), the model alone under that open loop's arrivals; with the four comparisons."""
     from feature_store.local_redis import free_port
 
+    with pinned(args.server_cpus):  # the model alone runs where the server will
+        model = model_only(repo, reqs, args.threads, args.seconds, rows)
     port = free_port()
     cmd = [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), "--embedded",
            str(store), "--port", str(port), "--log-level", "warning"]  # fmt: skip
@@ -444,18 +456,6 @@ def run_bench(args: Any) -> dict[str, Any]:
         model_half = model_open_loop(repo, reqs, args.threads, half["rate_rps"], args.seconds,
                                      rows)  # fmt: skip
     return {
-        "setup": {
-            "model": "camenn candidate-isolated d=64",
-            "k": args.k,
-            "n": n_real,
-            "ort_threads": args.threads,
-            "max_batch_rows": rows,
-            "concurrency": args.concurrency,
-            "server_cpus": args.server_cpus,
-            "client_cpus": args.client_cpus,
-            "cores": os.cpu_count(),
-            "repo": str(repo),
-        },
         "model_only": model,
         "saturation": sat,
         "half_load": half,
@@ -467,14 +467,41 @@ def run_bench(args: Any) -> dict[str, Any]:
     }
 
 
+def run_bench(args: Any) -> dict[str, Any]:
+    """``args.rounds`` interleaved rounds (:func:`bench_round`) on one stack; the
+    comparisons' medians over the rounds and their spread. Why rounds: on a shared
+    machine the model alone's own speed moved by a third between runs minutes apart,
+    so one pair of measurements says little; each round pairs measurements taken
+    seconds apart."""
+    repo, store = given_or_built(args)
+    reqs = make_requests(repo, store, args.k, args.n, 200)
+    n_real = int(np.median([r.feeds["hist_mask"].shape[1] for r in reqs]))
+    rows = args.max_batch_rows or BatchingSettings().max_batch_rows
+    rounds = [bench_round(repo, store, reqs, args, rows) for _ in range(max(1, args.rounds))]
+    return {
+        "setup": {
+            "model": "camenn candidate-isolated d=64",
+            "k": args.k,
+            "n": n_real,
+            "ort_threads": args.threads,
+            "max_batch_rows": rows,
+            "concurrency": args.concurrency,
+            "server_cpus": args.server_cpus,
+            "client_cpus": args.client_cpus,
+            "cores": os.cpu_count(),
+            "repo": str(repo),
+            "seconds": args.seconds,
+        },
+        "rounds": rounds,
+        **{k: statistics.median(r[k] for r in rounds) for k in RATIOS},
+        "spread": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in RATIOS},
+    }
+
+
 def run_merge(args: Any) -> list[dict[str, float]]:
     """``mmrank bench-service --merge M ...``: :func:`merge_costs` at ``--k`` on the
     built (or given) stack, pinned to ``--server-cpus``."""
-    if args.repo:
-        repo, store = Path(args.repo), Path(args.store)
-    else:
-        work = Path(args.work or tempfile.mkdtemp(prefix="mmrank-bench-"))
-        repo, store = build_stack(work, args.items, args.users)
+    repo, store = given_or_built(args)
     reqs = make_requests(repo, store, args.k, args.n, 64)
     with pinned(args.server_cpus):
         return merge_costs(repo, reqs, args.threads, args.merge)
@@ -489,25 +516,37 @@ def render_merge(rows: list[dict[str, float]]) -> str:
 
 
 def render(res: dict[str, Any]) -> str:
-    s, m, sat, half = res["setup"], res["model_only"], res["saturation"], res["half_load"]
-    mh = res["model_half_load"]
-    return "\n".join([
+    s, sp = res["setup"], res["spread"]
+    lines = [
         f"service vs model only: CameNN candidate-isolated, K={s['k']}, N={s['n']}, ONNX Runtime "
         f"CPU, {s['ort_threads']} thread(s); server cpus {s['server_cpus'] or 'any'}, "
-        f"load generator cpus {s['client_cpus'] or 'any'}",
+        f"load generator cpus {s['client_cpus'] or 'any'}; {len(res['rounds'])} rounds of "
+        f"{s['seconds']:g} s per measurement, {s['concurrency']} connections at saturation",
         "",
-        "| measure | model only | end to end | ratio / delta |",
-        "|---|---|---|---|",
-        f"| throughput at saturation (req/s) | {m['throughput_rps']:.1f} | "
-        f"{sat['throughput_rps']:.1f} ({sat['requests']} requests, {sat['errors']} errors, "
-        f"{s['concurrency']} connections) | {res['throughput_ratio']:.1%} (target >= 80%) |",
-        f"| p50 at half load (ms): model alone unloaded | {m['p50_ms']:.2f} | {half['p50_ms']:.2f} "
-        f"(p95 {half['p95_ms']:.2f}, {half['rate_rps']:.1f} req/s, {half['errors']} errors) | "
-        f"{res['p50_delta_ms']:+.2f} ms (target <= +3 ms) |",
-        f"| p50 at half load (ms): model alone under the same Poisson arrivals | "
-        f"{mh['p50_ms']:.2f} (p95 {mh['p95_ms']:.2f}) | {half['p50_ms']:.2f} | "
-        f"{res['p50_delta_same_arrivals_ms']:+.2f} ms (target <= +3 ms) |",
-        f"| CPU per request (ms, all threads) | {m['cpu_ms_per_request']:.2f} | "
-        f"{sat['cpu_ms_per_request']:.2f} | {res['cpu_ratio']:.1%} (the throughput ratio "
-        "a dedicated core would give) |",
-    ]) + "\n"  # fmt: skip
+        "| round | model alone req/s | end to end req/s (errors) | throughput ratio | model "
+        "alone p50 ms: unloaded / same arrivals | end to end p50 ms at half load (req/s, "
+        "errors) | p50 delta: vs unloaded / vs same arrivals | CPU per request ms: model / "
+        "end to end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(res["rounds"], 1):
+        m, sat, half, mh = r["model_only"], r["saturation"], r["half_load"], r["model_half_load"]
+        lines.append(
+            f"| {i} | {m['throughput_rps']:.1f} | {sat['throughput_rps']:.1f} ({sat['errors']}) "
+            f"| {r['throughput_ratio']:.1%} | {m['p50_ms']:.2f} / {mh['p50_ms']:.2f} | "
+            f"{half['p50_ms']:.2f} ({half['rate_rps']:.1f}, {half['errors']}) | "
+            f"{r['p50_delta_ms']:+.2f} / {r['p50_delta_same_arrivals_ms']:+.2f} | "
+            f"{m['cpu_ms_per_request']:.2f} / {sat['cpu_ms_per_request']:.2f} |"
+        )
+    lines += [
+        "",
+        f"median over rounds (min - max): throughput ratio {res['throughput_ratio']:.1%} "
+        f"({sp['throughput_ratio'][0]:.1%} - {sp['throughput_ratio'][1]:.1%}; target >= 80%); "
+        f"p50 delta vs the model alone unloaded {res['p50_delta_ms']:+.2f} ms "
+        f"({sp['p50_delta_ms'][0]:+.2f} - {sp['p50_delta_ms'][1]:+.2f}), under the same "
+        f"arrivals {res['p50_delta_same_arrivals_ms']:+.2f} ms "
+        f"({sp['p50_delta_same_arrivals_ms'][0]:+.2f} - {sp['p50_delta_same_arrivals_ms'][1]:+.2f}"
+        f"; target <= +3 ms); CPU ratio {res['cpu_ratio']:.1%} (the throughput ratio a "
+        "dedicated core would give)",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,17 +1,27 @@
 """The service benchmark's measuring parts (``mmrank bench-service``): its Poisson
 schedule is reproducible, the model-alone replay of that schedule counts queueing
-the way the service's latency does, and the merge measurement compares like with like.
-Behaviour only; no speed is asserted."""
+the way the service's latency does, the merge measurement compares like with like, and
+the whole benchmark runs its rounds against a real ``mmrank serve``. Behaviour only; no
+speed is asserted."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 from svc_fixtures import World, shared_world
 
-from service.bench import arrivals, make_requests, merge_costs, model_open_loop
+from service.bench import (
+    RATIOS,
+    arrivals,
+    make_requests,
+    merge_costs,
+    model_open_loop,
+    render,
+    run_bench,
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +57,28 @@ def test_merge_costs_score_the_same_requests_both_ways(w: World) -> None:
         assert r["max_score_diff"] <= 1e-5
         assert r["separate_ms"] > 0 and r["merged_ms"] > 0
         assert r["merged_over_separate"] == pytest.approx(r["merged_ms"] / r["separate_ms"])
+
+
+def test_bench_service_reports_each_round_and_the_medians(w: World) -> None:
+    """Two short rounds against a real ``mmrank serve``: every request answered 200, each
+    round's comparisons computed from its own measurements, the reported figures the
+    medians of the rounds'."""
+    args = argparse.Namespace(repo=str(w.repo_a), store=str(w.store_file), work=None, k=20,
+                              n=10, threads=1, max_batch_rows=None, concurrency=2,
+                              seconds=1.0, rounds=2, server_cpus=None, client_cpus=None)  # fmt: skip
+    res = run_bench(args)
+    assert len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        sat, half, m = r["saturation"], r["half_load"], r["model_only"]
+        assert sat["errors"] == 0 and half["errors"] == 0 and sat["requests"] > 0
+        assert r["throughput_ratio"] == pytest.approx(sat["throughput_rps"] / m["throughput_rps"])
+        assert r["p50_delta_same_arrivals_ms"] == pytest.approx(
+            half["p50_ms"] - r["model_half_load"]["p50_ms"]
+        )
+        assert r["model_half_load"]["rate_rps"] == half["rate_rps"] == sat["throughput_rps"] / 2
+    for k in RATIOS:
+        lo, hi = sorted(r[k] for r in res["rounds"])
+        assert res[k] == pytest.approx((lo + hi) / 2) and res["spread"][k] == [lo, hi]
+    assert "median over rounds" in render(res)
+    with pytest.raises(ValueError, match="--store"):
+        run_bench(argparse.Namespace(**{**vars(args), "store": None}))
