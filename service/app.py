@@ -134,7 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.start(settings, metrics)
+        try:
+            services = await Services.start(settings, metrics)
+        except (ValueError, OSError) as exc:  # bad input (no or a broken model): one line
+            app.state.startup_error = f"{type(exc).__name__}: {exc}"
+            raise
         app.state.services = services
         log.info("mmrank service ready to accept requests")
         try:

@@ -54,6 +54,20 @@ T = TypeVar("T")
 RANK_PATH = "/v1/rank"
 
 
+def _startup_failure_in_one_line(scope: Scope, send: Send) -> Send:
+    """``send`` for the lifespan: a startup that failed on bad input (the lifespan put
+    its reason in ``app.state.startup_error``: a missing or broken model repository) is
+    reported by uvicorn as that one line, not as the traceback Starlette sends."""
+
+    async def wrapped(message: Message) -> None:
+        reason = getattr(scope["app"].state, "startup_error", None)
+        if message["type"] == "lifespan.startup.failed" and reason:
+            message = {**message, "message": f"mmrank cannot start: {reason}"}
+        await send(message)
+
+    return wrapped
+
+
 class HttpMiddleware:
     def __init__(self, app: ASGIApp, api: ApiSettings, metrics: Metrics) -> None:
         self.app = app
@@ -65,6 +79,9 @@ class HttpMiddleware:
         self._busy = orjson.dumps(error_body(self._busy_err))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _startup_failure_in_one_line(scope, send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

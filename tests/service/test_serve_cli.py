@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,24 @@ def test_ctrl_c_stops_serve_cleanly(w: World) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()[-2000:]
+
+
+def test_serve_without_a_model_says_why_in_one_line(w: World, tmp_path: Path) -> None:
+    """``mmrank serve`` on a repository that is not one, or whose ranker file is
+    corrupt: it exits non-zero with the reason in one line, no traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(w.repo_a, broken)
+    onnx = broken / "ranker" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:100])
+    for repo, reason in ((tmp_path / "nothing", "is not a model repository"),
+                         (broken, "ChecksumError")):  # fmt: skip
+        cmd = [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), "--embedded",
+               str(w.store_file), "--port", str(free_port())]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0
+        line = next(x for x in p.stderr.splitlines() if "mmrank cannot start" in x)
+        assert reason in line, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
