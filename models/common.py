@@ -188,6 +188,16 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.merged_weight(), self.base.bias)
 
 
+def content_id_contrast(z_id: torch.Tensor, z_c: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The content-ID contrastive (CIC) loss of EM3: InfoNCE both ways between the ID
+    view ``z_id`` and the content view ``z_c`` (I, c) of I distinct items; row i of
+    each is item i, the other rows are its negatives."""
+    z_id, z_c = F.normalize(z_id, dim=-1), F.normalize(z_c, dim=-1)
+    logits = z_id @ z_c.T / temperature  # (I, I)
+    target = torch.arange(len(z_id), device=z_id.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Mean of ``x`` over axis ``dim`` at the positions where ``mask`` (R, T) is True;
     0 where none is (also for T = 0). ``x`` is (R, ..., T at ``dim``, ...): (R, T, d)

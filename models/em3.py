@@ -33,6 +33,7 @@ from models.common import (
     HistoryKernels,
     LoRALinear,
     attend,
+    content_id_contrast,
     content_tokens,
     init_embeddings,
     masked_mean,
@@ -277,11 +278,9 @@ class EM3(nn.Module):
     def cic_loss(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """InfoNCE between ID and content views of the same items; emb (I, Q, D),
         sparse (I, Fi) of distinct items."""
-        z_id = F.normalize(self.cic_id(self.ranker.item_fields(sparse).flatten(-2)), dim=-1)
-        z_c = F.normalize(self.cic_content(emb.flatten(-2)), dim=-1)  # (I, c)
-        logits = z_id @ z_c.T / self.cfg.cic_temperature  # (I, I)
-        target = torch.arange(len(emb), device=emb.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        z_id = self.cic_id(self.ranker.item_fields(sparse).flatten(-2))  # (I, c)
+        z_c = self.cic_content(emb.flatten(-2))  # (I, c)
+        return content_id_contrast(z_id, z_c, self.cfg.cic_temperature)
 
     def set_lora_stage(self, stage: int) -> None:
         """Stage 1: attention projections train fully, LoRA frozen (B = 0, no effect).

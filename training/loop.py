@@ -5,7 +5,7 @@ and candidates), the embeddings are gathered into the DESIGN section 3 tensors a
 the ranker scores the candidates. Losses: CVR BCE for all models; + ITA + TIA for
 CameNN (negatives swap in another item's text / image: half of them a random item's,
 half a look-alike of another kind, :func:`look_alikes`); + ``cic_weight`` x CIC for
-EM3. Early stopping keeps the weights of the best validation AUC (a moving average
+EM3 and CameNN. Early stopping keeps the weights of the best validation AUC (a moving average
 of the weights by default, :class:`WeightAverage`); CameNN then runs
 ITA/TIA-only steps on its tower's alignment path (:func:`align_phase`).
 """
@@ -79,7 +79,7 @@ class TrainSettings:
     # 0.93 after 500 steps (validation AUC 0.7667 -> 0.7671 after 1,000) and 0.92 / 0.92
     # -> 0.92 / 0.93 (0.7660 -> 0.7662)
     align_steps: int = 500
-    cic_items: int = 256  # EM3: items per step in the CIC loss
+    cic_items: int = 256  # items per step in the CIC loss
     # weight averaging: validation, early stopping and the kept weights use an
     # exponential moving average of the trainable weights with this decay per step
     # (0 = off: the raw weights; :class:`WeightAverage`). Measured (test AUC, one run
@@ -290,7 +290,7 @@ def batch_loss(model: nn.Module, cat: CatalogTensors, b: Batch, s: TrainSettings
         if pair is not None:
             loss = loss + pair[0] + pair[1]
             parts |= {"ita": pair[0].item(), "tia": pair[1].item()}
-    if isinstance(model, EM3):
+    if isinstance(model, EM3 | CameNN) and model.cfg.cic_weight > 0:
         pick = torch.randperm(len(items), generator=gen)[: s.cic_items]
         l_cic = model.cic_loss(emb[pick], cat.sparse[items[pick]])
         loss = loss + model.cfg.cic_weight * l_cic

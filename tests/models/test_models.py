@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -192,12 +193,13 @@ def test_em3_lora_stages() -> None:
     assert model.ranker.dnn[0].weight.requires_grad  # the rest keeps training
 
 
-def test_em3_cic_loss_is_infonce_over_the_batch() -> None:
+@pytest.mark.parametrize("name", ["em3", "camenn"])
+def test_cic_loss_is_infonce_over_the_batch(name: str) -> None:
     """Matched ID/content pairs score lower loss than the same batch with pairs shuffled
     once the projections are aligned; here: identical projections of one signal."""
-    model = em3()
+    model = em3() if name == "em3" else camenn("candidate-isolated")
     gen = torch.Generator().manual_seed(3)
-    emb = torch.randn(16, 2, 64, generator=gen, requires_grad=True)
+    emb = torch.randn(16, model.cfg.q, 64, generator=gen, requires_grad=True)
     sparse = torch.stack(
         [torch.randint(1, 211, (16,), generator=gen), torch.randint(1, 13, (16,), generator=gen)], 1
     )
@@ -325,3 +327,16 @@ def test_em3_recency_reads_the_history_order(recency: bool) -> None:
         assert (a - b).abs().max() > 1e-4
     else:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_camenn_runs_saved_before_cic_load_without_it() -> None:
+    """A CameNN ``config.json`` written before ``cic_weight`` existed was trained without
+    CIC: it loads with the weight 0 and no CIC projections (its state dict has none)."""
+    from training.runs import model_from_config
+
+    cfg = dataclasses.asdict(camenn("candidate-isolated").cfg)
+    del cfg["cic_weight"]
+    old = cast(CameNN, model_from_config("camenn", cfg))
+    assert old.cfg.cic_weight == 0.0 and not hasattr(old, "cic_id")
+    assert not any(k.startswith("cic_") for k in old.state_dict())
+    assert "cic_id.weight" in camenn("candidate-isolated").state_dict()  # the default has CIC
