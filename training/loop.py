@@ -5,8 +5,8 @@ and candidates), the embeddings are gathered into the DESIGN section 3 tensors a
 the ranker scores the candidates. Losses: CVR BCE for all models; + ITA + TIA for
 CameNN (negatives swap in another item's text / image: half of them a random item's,
 half a look-alike of another kind, :func:`look_alikes`); + ``cic_weight`` x CIC for
-EM3 and CameNN. Early stopping keeps the weights of the best validation AUC (a moving average
-of the weights by default, :class:`WeightAverage`); CameNN then runs
+EM3 and CameNN. Early stopping keeps the weights of the best validation AUC (a moving
+average of the weights by default, :class:`WeightAverage`); CameNN then runs
 ITA/TIA-only steps on its tower's alignment path (:func:`align_phase`).
 """
 
