@@ -72,7 +72,7 @@ def test_ctrl_c_stops_serve_cleanly(w: World) -> None:
     """Ctrl-C (SIGINT) on ``mmrank serve`` (and so on the demo): readiness first, then a
     clean exit 0, no traceback."""
     procs: list[subprocess.Popen[bytes]] = []
-    with served(w, {"MMRANK_SHUTDOWN__UNREADY_S": "0.5"}, procs) as url:
+    with served(w, {"MMRANK_SHUTDOWN__UNREADY_S": "2"}, procs) as url:
         proc = procs[0]
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
