@@ -25,9 +25,9 @@ from torch import nn
 
 from models.common import (
     Block,
+    ContentIdContrast,
     FieldEmbedding,
     HistoryKernels,
-    content_id_contrast,
     content_tokens,
     init_embeddings,
     masked_mean,
@@ -307,7 +307,7 @@ class CameNNRanker(nn.Module):
         return self.head(x)[:, 0]  # (B,)
 
 
-class CameNN(nn.Module):
+class CameNN(ContentIdContrast):
     """Item tower + ranker, trained end to end (ITA + TIA + CVR, + CIC with
     ``cic_weight``)."""
 
@@ -319,13 +319,10 @@ class CameNN(nn.Module):
         self.tower = CameNNItemTower(cfg)
         self.ranker = CameNNRanker(cfg)
         if cfg.cic_weight > 0:
-            self.cic_id = nn.Linear(len(cfg.item_buckets) * cfg.field_dim, cfg.cic_dim)
-            self.cic_content = nn.Linear(cfg.q * cfg.d, cfg.cic_dim)
+            self.add_cic(len(cfg.item_buckets) * cfg.field_dim, cfg.q * cfg.d, cfg.cic_dim)
         init_embeddings(self)
 
     def cic_loss(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """CIC between the item-field and content views of distinct items; emb (I, Q, D),
         sparse (I, Fi). Needs ``cic_weight`` > 0 (the projections exist only then)."""
-        z_id = self.cic_id(self.ranker.item_fields(sparse).flatten(-2))  # (I, c)
-        z_c = self.cic_content(emb.flatten(-2))  # (I, c)
-        return content_id_contrast(z_id, z_c, self.cfg.cic_temperature)
+        return self.cic_of(self.ranker.item_fields(sparse), emb, self.cfg.cic_temperature)

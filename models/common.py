@@ -198,6 +198,28 @@ def content_id_contrast(z_id: torch.Tensor, z_c: torch.Tensor, temperature: floa
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+class ContentIdContrast(nn.Module):
+    """Mixin for a model whose ranker embeds item fields (``ranker.item_fields``): the
+    two CIC projections and the loss. The attribute names ``cic_id``/``cic_content``
+    are saved state-dict keys (EM3 runs), so they stay."""
+
+    cic_id: nn.Linear
+    cic_content: nn.Linear
+
+    def add_cic(self, id_width: int, content_width: int, dim: int) -> None:
+        """Create the projections of the ID view (``id_width``) and the content view
+        (``content_width`` = Q * D) into the shared ``dim``-wide space."""
+        self.cic_id = nn.Linear(id_width, dim)
+        self.cic_content = nn.Linear(content_width, dim)
+
+    def cic_of(self, fields: torch.Tensor, emb: torch.Tensor, temperature: float) -> torch.Tensor:
+        """CIC between the item-field embeddings ``fields`` (I, Fi, f) and the item
+        embeddings ``emb`` (I, Q, D) of I distinct items."""
+        z_id = self.cic_id(fields.flatten(-2))  # (I, c)
+        z_c = self.cic_content(emb.flatten(-2))  # (I, c)
+        return content_id_contrast(z_id, z_c, temperature)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Mean of ``x`` over axis ``dim`` at the positions where ``mask`` (R, T) is True;
     0 where none is (also for T = 0). ``x`` is (R, ..., T at ``dim``, ...): (R, T, d)

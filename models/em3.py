@@ -29,11 +29,11 @@ from torch import nn
 from models.common import (
     MASKED_MAX_USERS,
     Block,
+    ContentIdContrast,
     FieldEmbedding,
     HistoryKernels,
     LoRALinear,
     attend,
-    content_id_contrast,
     content_tokens,
     init_embeddings,
     masked_mean,
@@ -260,7 +260,7 @@ class EM3Ranker(nn.Module):
         return interest, id_interest
 
 
-class EM3(nn.Module):
+class EM3(ContentIdContrast):
     """FQ-Former + ranker, trained end to end (CVR + CIC)."""
 
     cfg: EM3Config
@@ -270,17 +270,13 @@ class EM3(nn.Module):
         self.cfg = cfg
         self.tower = FQFormer(cfg)
         self.ranker = EM3Ranker(cfg)
-        fi = len(cfg.item_buckets) * cfg.field_dim
-        self.cic_id = nn.Linear(fi, cfg.cic_dim)
-        self.cic_content = nn.Linear(cfg.q * cfg.d, cfg.cic_dim)
+        self.add_cic(len(cfg.item_buckets) * cfg.field_dim, cfg.q * cfg.d, cfg.cic_dim)
         init_embeddings(self)
 
     def cic_loss(self, emb: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """InfoNCE between ID and content views of the same items; emb (I, Q, D),
         sparse (I, Fi) of distinct items."""
-        z_id = self.cic_id(self.ranker.item_fields(sparse).flatten(-2))  # (I, c)
-        z_c = self.cic_content(emb.flatten(-2))  # (I, c)
-        return content_id_contrast(z_id, z_c, self.cfg.cic_temperature)
+        return self.cic_of(self.ranker.item_fields(sparse), emb, self.cfg.cic_temperature)
 
     def set_lora_stage(self, stage: int) -> None:
         """Stage 1: attention projections train fully, LoRA frozen (B = 0, no effect).
