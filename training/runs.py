@@ -23,7 +23,14 @@ MODELS = ("camenn", "em3", "lr", "din", "bst")
 # config fields added after runs were saved without them: such a run was trained with
 # the behaviour the old value names, so it loads with that value, not the new default
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "camenn": {"align_path": False, "history_kernels": 0, "kernel_views": 1, "cic_weight": 0.0},
+    "camenn": {
+        "align_path": False,
+        "history_kernels": 0,
+        "kernel_views": 1,
+        "cic_weight": 0.0,
+        "positional_pool": False,
+        "content_ffn": False,
+    },
     "em3": {"recency": False, "kernel_views": 1},
 }
 

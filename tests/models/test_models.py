@@ -329,14 +329,24 @@ def test_em3_recency_reads_the_history_order(recency: bool) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_camenn_runs_saved_before_cic_load_without_it() -> None:
-    """A CameNN ``config.json`` written before ``cic_weight`` existed was trained without
-    CIC: it loads with the weight 0 and no CIC projections (its state dict has none)."""
+@pytest.mark.parametrize(
+    ("field", "old", "keys"),
+    [
+        ("cic_weight", 0.0, "cic_"),
+        ("positional_pool", False, "tower.pool_placed."),
+        ("content_ffn", False, "tower.pool_ffn."),
+    ],
+)
+def test_camenn_runs_saved_before_a_field_load_without_it(field: str, old: object,
+                                                          keys: str) -> None:  # fmt: skip
+    """A CameNN ``config.json`` written before ``field`` existed was trained without what
+    it turns on: it loads with the old value and without those weights (its state dict
+    has none), while the default has them."""
     from training.runs import model_from_config
 
     cfg = dataclasses.asdict(camenn("candidate-isolated").cfg)
-    del cfg["cic_weight"]
-    old = cast(CameNN, model_from_config("camenn", cfg))
-    assert old.cfg.cic_weight == 0.0 and not hasattr(old, "cic_id")
-    assert not any(k.startswith("cic_") for k in old.state_dict())
-    assert "cic_id.weight" in camenn("candidate-isolated").state_dict()  # the default has CIC
+    del cfg[field]
+    legacy = cast(CameNN, model_from_config("camenn", cfg))
+    assert getattr(legacy.cfg, field) == old
+    assert not any(k.startswith(keys) for k in legacy.state_dict())
+    assert any(k.startswith(keys) for k in camenn("candidate-isolated").state_dict())
