@@ -199,8 +199,8 @@ def content_id_contrast(z_id: torch.Tensor, z_c: torch.Tensor, temperature: floa
 
 
 class ContentIdContrast(nn.Module):
-    """Mixin for a model whose ranker embeds item fields (``ranker.item_fields``): the
-    two CIC projections and the loss. The attribute names ``cic_id``/``cic_content``
+    """Mixin for a model trained with CIC: the two projections and the loss; the model
+    passes its own item-field embeddings. The attribute names ``cic_id``/``cic_content``
     are saved state-dict keys (EM3 runs), so they stay."""
 
     cic_id: nn.Linear
@@ -222,7 +222,8 @@ class ContentIdContrast(nn.Module):
 
 class PlacedContent(nn.Module):
     """An item's content read in place, beside the modality means: a projection of the
-    title (the first text token) and one of the concatenated image patches; (I, d), 0
+    first text token (the synthetic world's title; on MovieLens MiniLM's first output
+    token, a summary of the title) and one of the concatenated image patches; (I, d), 0
     for a missing modality. Why: a text mean mixes the title with filler words, and a
     patch mean loses each patch's part of the shape."""
 
