@@ -118,7 +118,8 @@ def encode_items(
         raise RecordError(
             f"fields have shape {sparse.shape}, the layout wants (I, {dtype['sparse'].shape})"
         )
-    rec["emb"] = emb.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow becomes inf: refused below, by row
+        rec["emb"] = emb.astype(np.float16)
     rec["sparse"] = sparse
     has_align = dtype.names is not None and "ita" in dtype.names
     if has_align != (ita is not None and tia is not None):
