@@ -28,7 +28,6 @@ from models.common import (
     ContentIdContrast,
     FieldEmbedding,
     HistoryKernels,
-    PlacedContent,
     content_tokens,
     init_embeddings,
     masked_mean,
@@ -103,10 +102,10 @@ class CameNNConfig:
     # without / with CIC 0.1: 0.7974 / 0.8030
     cic_weight: float = 0.1
     # with align_path, the content path also reads the title (the first text token) and
-    # the image patches in their places (models.common.PlacedContent), not only each
-    # modality's mean, and ``content_ffn`` adds a residual feed-forward layer (d -> 2d ->
-    # d) on the pooled content before the final LayerNorm, so the embedding is no longer
-    # linear in the content. Why: the [CLS] output, which reads positions, reaches the
+    # the image patches in their places (PlacedContent), not only each modality's mean,
+    # and ``content_ffn`` adds a residual feed-forward layer (d -> 2d -> d) on the pooled
+    # content before the final LayerNorm, so the embedding is no longer linear in the
+    # content. Why: the [CLS] output, which reads positions, reaches the
     # embedding only through ``cls_gate`` (~0.03 trained). Measured (session 21, world
     # seed 0, 6 epochs, valid AUC at epochs 1 / 4 / best; test): neither 0.7834 / 0.8028
     # / 0.8050; 0.8041; positional_pool 0.7913 / 0.8069 / 0.8084; 0.8076; both 0.7923 /
@@ -129,6 +128,25 @@ class CameNNConfig:
     @property
     def d(self) -> int:
         return self.d_model
+
+
+class PlacedContent(nn.Module):
+    """An item's content read in place, beside the modality means: a projection of the
+    first text token (the synthetic world's title; on MovieLens MiniLM's first output
+    token, a summary of the title) and one of the concatenated image patches; (I, d), 0
+    for a missing modality. Why: a text mean mixes the title with filler words, and a
+    patch mean loses each patch's part of the shape."""
+
+    def __init__(self, text_dim: int, image_dim: int, n_patches: int, d: int) -> None:
+        super().__init__()
+        self.title = nn.Linear(text_dim, d)
+        self.patches = nn.Linear(n_patches * image_dim, d)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
+                image_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        # text (I, Lt, Dt) with Lt >= 0 (an empty slice sums to 0), image (I, P, Di)
+        title = (self.title(text[:, :1]) * text_mask[:, :1, None]).sum(1)  # (I, d)
+        return title + self.patches(image.flatten(1)) * image_mask[:, :1]
 
 
 class CameNNItemTower(nn.Module):

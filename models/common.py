@@ -220,25 +220,6 @@ class ContentIdContrast(nn.Module):
         return content_id_contrast(z_id, z_c, temperature)
 
 
-class PlacedContent(nn.Module):
-    """An item's content read in place, beside the modality means: a projection of the
-    first text token (the synthetic world's title; on MovieLens MiniLM's first output
-    token, a summary of the title) and one of the concatenated image patches; (I, d), 0
-    for a missing modality. Why: a text mean mixes the title with filler words, and a
-    patch mean loses each patch's part of the shape."""
-
-    def __init__(self, text_dim: int, image_dim: int, n_patches: int, d: int) -> None:
-        super().__init__()
-        self.title = nn.Linear(text_dim, d)
-        self.patches = nn.Linear(n_patches * image_dim, d)
-
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
-                image_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        # text (I, Lt, Dt) with Lt >= 0 (an empty slice sums to 0), image (I, P, Di)
-        title = (self.title(text[:, :1]) * text_mask[:, :1, None]).sum(1)  # (I, d)
-        return title + self.patches(image.flatten(1)) * image_mask[:, :1]
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Mean of ``x`` over axis ``dim`` at the positions where ``mask`` (R, T) is True;
     0 where none is (also for T = 0). ``x`` is (R, ..., T at ``dim``, ...): (R, T, d)
